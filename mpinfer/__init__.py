@@ -1,0 +1,3 @@
+"""mpinfer: MPI batch inference for large language models on HPC clusters."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,68 @@
+"""Reference ops in NumPy, float32 on the CPU.
+
+Shapes: T new tokens (all sequences of a batch concatenated), D hidden, H query heads,
+Hkv key/value heads, G = H / Hkv query heads per KV head, Dh head dim, S cached tokens of
+one sequence (including the new ones), V vocabulary.
+"""
+
+import numpy as np
+
+
+class NumpyBackend:
+    name = "numpy"
+
+    def weight(self, array):
+        """A checkpoint tensor as this backend keeps it (here: contiguous float32)."""
+        return np.ascontiguousarray(array, dtype=np.float32)
+
+    def to_numpy(self, x):
+        return x
+
+    def embedding(self, table, ids):
+        # table (V, D), ids (T,) -> (T, D)
+        return table[ids]
+
+    def linear(self, x, w, b=None):
+        # x (T, in), w (out, in) as Hugging Face stores it -> (T, out)
+        y = x @ w.T
+        if b is not None:
+            y += b
+        return y
+
+    def rmsnorm(self, x, w, eps):
+        # x (..., n), w (n,): normalise over the last axis, as transformers' RMSNorm in float32
+        variance = np.mean(np.square(x), axis=-1, keepdims=True)
+        return x * (1.0 / np.sqrt(variance + eps)) * w
+
+    def rope(self, x, cos, sin):
+        # x (T, heads, Dh); cos, sin (T, Dh/2). Rotates the pairs (i, i + Dh/2) ("rotate half").
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        c, s = cos[:, None, :], sin[:, None, :]
+        return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+    def silu_mul(self, gate, up):
+        # SwiGLU: silu(gate) * up, (T, I)
+        return gate / (1.0 + np.exp(-gate)) * up
+
+    def attention(self, q, k, v, q_pos, window):
+        """Causal grouped-query attention of one sequence against its cache.
+        q (T, H, Dh); k, v (S, Hkv, Dh) holding positions 0..S-1; q_pos (T,) positions of the
+        queries. Key j is visible to the query at p when j <= p and (window == 0 or p - j < window).
+        Returns (T, H, Dh)."""
+        T, H, Dh = q.shape
+        S, Hkv, _ = k.shape
+        G = H // Hkv
+        qg = q.reshape(T, Hkv, G, Dh).transpose(1, 2, 0, 3)  # (Hkv, G, T, Dh)
+        scores = qg @ k.transpose(1, 2, 0)[:, None]  # (Hkv, G, T, S)
+        scores *= 1.0 / np.sqrt(Dh)
+        k_pos = np.arange(S)
+        visible = k_pos[None, :] <= q_pos[:, None]  # (T, S)
+        if window:
+            visible &= q_pos[:, None] - k_pos[None, :] < window
+        scores = np.where(visible, scores, -np.inf)
+        scores -= scores.max(axis=-1, keepdims=True)
+        p = np.exp(scores)
+        p /= p.sum(axis=-1, keepdims=True)
+        out = p @ v.transpose(1, 0, 2)[:, None]  # (Hkv, G, T, Dh)
+        return out.transpose(2, 0, 1, 3).reshape(T, H, Dh)

@@ -1,0 +1,202 @@
+"""Model configuration: one dataclass for every supported decoder, read from a Hugging Face
+`config.json` or from GGUF metadata.
+
+The architectures differ only in options of the one model (see model.py):
+  llama    optional Llama-3 / linear RoPE scaling, optional attention and MLP biases
+  mistral  llama + sliding-window attention
+  qwen2    llama + bias on q/k/v, sliding window on some layers when configured
+  qwen3    llama + per-head RMSNorm on q and k, head_dim independent of hidden_size
+"""
+
+import dataclasses
+import json
+import os
+
+from .errors import UserError
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    theta: float
+    type: str = "default"  # one of ROPE_TYPES
+    factor: float = 1.0  # linear and llama3
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position: int = 8192  # llama3
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_eps: float
+    rope: RopeConfig
+    max_position: int
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    # per layer: attention window in tokens (a query sees keys with q_pos - k_pos < window), 0 = full
+    sliding_windows: tuple = ()
+    bos_token_id: int | None = None
+    eos_token_ids: tuple = ()
+
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def load_hf_config(folder):
+    """ModelConfig from a Hugging Face model folder's config.json."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{folder}: no config.json (expected a Hugging Face model folder or a .gguf file)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return hf_config_from_dict(raw, path)
+
+
+def hf_config_from_dict(raw, path):
+    arch = raw.get("model_type")
+    if arch not in SUPPORTED:
+        raise UserError(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED)})")
+
+    def need(key):
+        if key not in raw or raw[key] is None:
+            raise UserError(f"{path}: missing key {key!r}")
+        return raw[key]
+
+    hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
+    layers = int(need("num_hidden_layers"))
+    kv_heads = int(raw.get("num_key_value_heads") or heads)
+    head_dim = int(raw.get("head_dim") or hidden // heads)
+    if heads % kv_heads:
+        raise UserError(f"{path}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    attention_bias = bool(raw.get("attention_bias", False))
+    eos = raw.get("eos_token_id")
+    return ModelConfig(
+        arch=arch,
+        vocab_size=int(need("vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(need("intermediate_size")),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope=_hf_rope(raw, path),
+        max_position=int(raw.get("max_position_embeddings", 4096)),
+        tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        qkv_bias=arch == "qwen2" or attention_bias,
+        o_bias=arch != "qwen2" and attention_bias,
+        mlp_bias=bool(raw.get("mlp_bias", False)),
+        qk_norm=arch == "qwen3",
+        sliding_windows=_hf_windows(raw, arch, layers),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+    )
+
+
+def _hf_rope(raw, path):
+    # transformers 5 writes `rope_parameters` (theta inside); older checkpoints have
+    # `rope_theta` beside an optional `rope_scaling`.
+    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise UserError(f"{path}: unsupported RoPE scaling type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
+    if kind == "default":
+        return RopeConfig(theta=theta)
+    if kind == "linear":
+        return RopeConfig(theta=theta, type=kind, factor=float(params["factor"]))
+    return RopeConfig(
+        theta=theta,
+        type=kind,
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position=int(params["original_max_position_embeddings"]),
+    )
+
+
+def _hf_windows(raw, arch, layers):
+    window = raw.get("sliding_window")
+    if arch == "qwen2" and not raw.get("use_sliding_window", False):
+        window = None
+    if not window:
+        return (0,) * layers
+    types = raw.get("layer_types")
+    if types is None:
+        # Mistral slides on every layer; Qwen slides from layer `max_window_layers` on.
+        first = int(raw.get("max_window_layers", 0)) if arch.startswith("qwen") else 0
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    return tuple(int(window) if t == "sliding_attention" else 0 for t in types)
+
+
+def gguf_config(meta, path, tie_embeddings, has_rope_freqs):
+    """ModelConfig from GGUF metadata (a dict of key -> Python value).
+
+    Only the llama architecture of llama.cpp is read (SmolLM2, Llama, Mistral GGUFs).
+    Llama-3 RoPE scaling travels in GGUF as a `rope_freqs` tensor of per-frequency divisors,
+    so has_rope_freqs tells the model to read it; linear scaling travels as metadata.
+    A GGUF without an output tensor ties the LM head to the embedding (tie_embeddings).
+    """
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise UserError(f"{path}: unsupported GGUF architecture {arch!r} (supported: llama)")
+
+    def need(key):
+        if f"llama.{key}" not in meta:
+            raise UserError(f"{path}: missing GGUF metadata key 'llama.{key}'")
+        return meta[f"llama.{key}"]
+
+    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    kv_heads = int(meta.get("llama.attention.head_count_kv", heads))
+    head_dim = int(meta.get("llama.rope.dimension_count", hidden // heads))
+    layers = int(need("block_count"))
+    theta = float(meta.get("llama.rope.freq_base", 10000.0))
+    scaling = meta.get("llama.rope.scaling.type", "none")
+    if has_rope_freqs:
+        rope = RopeConfig(theta=theta, type="gguf_freqs")
+    elif scaling == "linear":
+        rope = RopeConfig(theta=theta, type="linear", factor=float(meta["llama.rope.scaling.factor"]))
+    elif scaling == "none":
+        rope = RopeConfig(theta=theta)
+    else:
+        raise UserError(f"{path}: unsupported RoPE scaling type {scaling!r} in GGUF metadata")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = int(meta.get("llama.vocab_size", len(tokens) if tokens is not None else 0))
+    if vocab <= 0:
+        raise UserError(f"{path}: GGUF metadata gives no vocabulary size")
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        arch="llama",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope=rope,
+        max_position=int(meta.get("llama.context_length", 4096)),
+        tie_embeddings=tie_embeddings,
+        sliding_windows=(0,) * layers,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=() if eos is None else (int(eos),),
+    )

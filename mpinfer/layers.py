@@ -1,0 +1,78 @@
+"""The layers of a decoder block, each reading its weights from a checkpoint.
+
+Legend: T new tokens of the batch, D hidden, H query heads, Hkv KV heads, Dh head dim,
+I intermediate (MLP) size. Weights keep Hugging Face's layout: linears are (out, in).
+"""
+
+import numpy as np
+
+
+class Linear:
+    """y = x W^T + b with W (out, in)."""
+
+    def __init__(self, be, ckpt, name, out_features, in_features, bias=False):
+        self.be = be
+        self.w = be.weight(ckpt.get(f"{name}.weight", (out_features, in_features)))
+        self.b = be.weight(ckpt.get(f"{name}.bias", (out_features,))) if bias else None
+
+    def __call__(self, x):
+        return self.be.linear(x, self.w, self.b)
+
+
+class RMSNorm:
+    def __init__(self, be, ckpt, name, size, eps):
+        self.be, self.eps = be, eps
+        self.w = be.weight(ckpt.get(f"{name}.weight", (size,)))
+
+    def __call__(self, x):
+        return self.be.rmsnorm(x, self.w, self.eps)
+
+
+class Attention:
+    """Grouped-query self-attention with RoPE, optional q/k bias (Qwen2), per-head q/k
+    RMSNorm (Qwen3) and a sliding window (Mistral, some Qwen layers)."""
+
+    def __init__(self, cfg, be, ckpt, layer):
+        p = f"model.layers.{layer}.self_attn"
+        D, Dh = cfg.hidden_size, cfg.head_dim
+        self.be, self.layer, self.window = be, layer, cfg.sliding_windows[layer]
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, Dh
+        self.q_proj = Linear(be, ckpt, f"{p}.q_proj", cfg.num_heads * Dh, D, cfg.qkv_bias)
+        self.k_proj = Linear(be, ckpt, f"{p}.k_proj", cfg.num_kv_heads * Dh, D, cfg.qkv_bias)
+        self.v_proj = Linear(be, ckpt, f"{p}.v_proj", cfg.num_kv_heads * Dh, D, cfg.qkv_bias)
+        self.o_proj = Linear(be, ckpt, f"{p}.o_proj", D, cfg.num_heads * Dh, cfg.o_bias)
+        self.q_norm = RMSNorm(be, ckpt, f"{p}.q_norm", Dh, cfg.rms_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(be, ckpt, f"{p}.k_norm", Dh, cfg.rms_eps) if cfg.qk_norm else None
+
+    def __call__(self, x, cos, sin, positions, caches, counts):
+        """x (T, D); cos, sin (T, Dh/2); positions (T,); caches[i] holds sequence i, whose
+        counts[i] new tokens are consecutive in x. Returns (T, D)."""
+        T = x.shape[0]
+        q = self.q_proj(x).reshape(T, self.heads, self.head_dim)
+        k = self.k_proj(x).reshape(T, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(T, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.be.rope(q, cos, sin), self.be.rope(k, cos, sin)
+        out, start = [], 0
+        for cache, n in zip(caches, counts):
+            seq = slice(start, start + n)
+            keys, values = cache.store(self.layer, k[seq], v[seq])  # (S, Hkv, Dh)
+            out.append(self.be.attention(q[seq], keys, values, positions[seq], self.window))
+            start += n
+        return self.o_proj(np.concatenate(out).reshape(T, self.heads * self.head_dim))
+
+
+class MLP:
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg, be, ckpt, layer):
+        p = f"model.layers.{layer}.mlp"
+        D, I = cfg.hidden_size, cfg.intermediate_size
+        self.be = be
+        self.gate_proj = Linear(be, ckpt, f"{p}.gate_proj", I, D, cfg.mlp_bias)
+        self.up_proj = Linear(be, ckpt, f"{p}.up_proj", I, D, cfg.mlp_bias)
+        self.down_proj = Linear(be, ckpt, f"{p}.down_proj", D, I, cfg.mlp_bias)
+
+    def __call__(self, x):
+        return self.down_proj(self.be.silu_mul(self.gate_proj(x), self.up_proj(x)))

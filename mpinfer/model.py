@@ -1,0 +1,90 @@
+"""The decoder: every supported architecture is this one model with options from
+ModelConfig (biases, q/k norm, sliding windows, RoPE scaling, tied embeddings).
+
+    model = Decoder.load("model.gguf")              # or a Hugging Face folder
+    cache = model.new_cache()
+    logits = model.forward(ids, [cache], [len(ids)])  # prefill: (1, V) for the last token
+    logits = model.forward([next_id], [cache], [1])   # decode step
+
+A forward pass takes the new tokens of several sequences at once, concatenated, so prefill
+chunks and decode steps of different requests share every matmul; only attention runs per
+sequence, against that sequence's cache.
+"""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import rope
+from .backend import get_backend
+from .kvcache import KVCache
+from .layers import MLP, Attention, RMSNorm
+from .weights import open_checkpoint
+
+
+class Block:
+    def __init__(self, cfg, be, ckpt, layer):
+        p = f"model.layers.{layer}"
+        self.input_norm = RMSNorm(be, ckpt, f"{p}.input_layernorm", cfg.hidden_size, cfg.rms_eps)
+        self.attn = Attention(cfg, be, ckpt, layer)
+        self.post_attention_norm = RMSNorm(be, ckpt, f"{p}.post_attention_layernorm", cfg.hidden_size, cfg.rms_eps)
+        self.mlp = MLP(cfg, be, ckpt, layer)
+
+    def __call__(self, x, cos, sin, positions, caches, counts):
+        x = x + self.attn(self.input_norm(x), cos, sin, positions, caches, counts)
+        return x + self.mlp(self.post_attention_norm(x))
+
+
+class Decoder:
+    def __init__(self, ckpt, be):
+        cfg = self.config = ckpt.config
+        self.be = be
+        self.embed = be.weight(ckpt.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size)))
+        # Reading (and dequantizing) is large numpy work that releases the GIL: one thread
+        # per core roughly halves load time on 2 cores.
+        with ThreadPoolExecutor(min(4, len(os.sched_getaffinity(0)))) as pool:
+            self.blocks = list(pool.map(lambda i: Block(cfg, be, ckpt, i), range(cfg.num_layers)))
+        self.norm = RMSNorm(be, ckpt, "model.norm", cfg.hidden_size, cfg.rms_eps)
+        if cfg.tie_embeddings:
+            self.lm_head = self.embed  # (V, D), the same array
+        else:
+            self.lm_head = be.weight(ckpt.get("lm_head.weight", (cfg.vocab_size, cfg.hidden_size)))
+        divisors = ckpt.get("rope_freqs", (cfg.head_dim // 2,)) if cfg.rope.type == "gguf_freqs" else None
+        self.inv_freq = rope.inv_freq(cfg.rope, cfg.head_dim, divisors)
+
+    @classmethod
+    def load(cls, path, backend="numpy"):
+        return cls(open_checkpoint(path), get_backend(backend))
+
+    def new_cache(self):
+        cfg = self.config
+        return KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+
+    def forward(self, ids, caches, counts, all_logits=False):
+        """ids: the new tokens of len(caches) sequences, concatenated (sum(counts),).
+        Returns float32 logits (len(caches), V) for each sequence's last new token, or
+        (sum(counts), V) for every token with all_logits. Advances every cache."""
+        ids = np.asarray(ids, dtype=np.int64)
+        positions = np.concatenate([np.arange(c.length, c.length + n) for c, n in zip(caches, counts)])
+        cos, sin = rope.cos_sin(self.inv_freq, positions)
+        x = self.be.embedding(self.embed, ids)  # (T, D)
+        for block in self.blocks:
+            x = block(x, cos, sin, positions, caches, counts)
+        for cache, n in zip(caches, counts):
+            cache.advance(n)
+        if not all_logits:
+            x = x[np.cumsum(counts) - 1]
+        return self.be.to_numpy(self.be.linear(self.norm(x), self.lm_head))
+
+    def generate_greedy(self, prompt_ids, max_new_tokens, stop_ids=()):
+        """Greedy completion of one prompt: the new token ids, stopping after a stop id."""
+        cache = self.new_cache()
+        logits = self.forward(prompt_ids, [cache], [len(prompt_ids)])
+        out = []
+        while len(out) < max_new_tokens:
+            out.append(int(np.argmax(logits[0])))
+            if out[-1] in stop_ids:
+                break
+            logits = self.forward([out[-1]], [cache], [1])
+        return out

@@ -1,0 +1,145 @@
+"""Checkpoint reading: Hugging Face safetensors folders and GGUF files, behind one interface.
+
+    ckpt = open_checkpoint(path)        # parses headers only; tensor bytes stay on disk (mmap)
+    ckpt.config                         # ModelConfig
+    w = ckpt.get("model.layers.0.self_attn.q_proj.weight", (out, in), rows=slice(a, b))
+
+Tensor names are the Hugging Face ones whatever the format; `get` returns float32 numpy
+arrays in the Hugging Face layout ((out_features, in_features) for linears), reading only the
+requested rows, so a tensor-parallel rank later reads only its slice.
+"""
+
+import json
+import os
+import struct
+
+import numpy as np
+
+from .config import load_hf_config
+from .errors import UserError
+
+
+def open_checkpoint(path):
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return SafetensorsCheckpoint(path)
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no such file")
+        from .gguf_file import GGUFCheckpoint  # the gguf library is only imported for GGUF models
+
+        return GGUFCheckpoint(path)
+    raise UserError(f"{path}: not a model (expected a Hugging Face folder or a .gguf file)")
+
+
+class Checkpoint:
+    """Common part: shape checking before any byte is read. Subclasses set `path`, `config`,
+    and implement `names()`, `_shape(name)` and `_read(name, rows)`."""
+
+    def get(self, name, shape, rows=None):
+        if name not in self.names():
+            raise UserError(f"{self._file_of(name)}: tensor {name!r} is missing")
+        found = tuple(self._shape(name))
+        if found != tuple(shape):
+            raise UserError(f"{self._file_of(name)}: tensor {name!r} has shape {found}, expected {tuple(shape)}")
+        return self._read(name, rows)
+
+    def has(self, name):
+        return name in self.names()
+
+    def _file_of(self, name):
+        return self.path
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """A folder with config.json and one `*.safetensors` file, or several listed in
+    `model.safetensors.index.json`. Files are opened lazily, on the first tensor read from each."""
+
+    def __init__(self, folder):
+        self.path = folder
+        self.config = load_hf_config(folder)
+        self._handles = {}
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{index}: not a valid safetensors index ({e})") from None
+            self._file = {name: os.path.join(folder, file) for name, file in weight_map.items()}
+        else:
+            files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+            if not files:
+                raise UserError(f"{folder}: no .safetensors file")
+            self._file = {}
+            for file in files:
+                for name in self._open(os.path.join(folder, file)).keys():
+                    self._file[name] = os.path.join(folder, file)
+
+    def names(self):
+        return self._file.keys()
+
+    def _file_of(self, name):
+        return self._file.get(name, self.path)
+
+    def _open(self, file):
+        from safetensors import safe_open
+
+        handle = self._handles.get(file)
+        if handle is None:
+            if not os.path.isfile(file):
+                raise UserError(f"{file}: no such file (listed in the safetensors index)")
+            try:
+                # safe_open checks that the header is well formed and that its offsets
+                # cover the file exactly, so truncated or padded files fail here.
+                handle = _SafetensorsFile(file, safe_open(file, framework="numpy"))
+            except Exception as e:  # the library raises its own SafetensorError and OSError
+                raise UserError(f"{file}: not a valid safetensors file ({_one_line(e)})") from None
+            self._handles[file] = handle
+        return handle
+
+    def _shape(self, name):
+        return self._open(self._file[name]).shape(name)
+
+    def _read(self, name, rows):
+        return self._open(self._file[name]).read(name, rows)
+
+
+class _SafetensorsFile:
+    """One opened .safetensors file. numpy has no bfloat16, which the library's numpy
+    view then refuses; bf16 tensors are read from the byte offsets in the (validated)
+    header and widened to float32 by a 16-bit shift."""
+
+    def __init__(self, path, handle):
+        self.path, self.handle = path, handle
+        self._bf16 = None
+
+    def keys(self):
+        return self.handle.keys()
+
+    def shape(self, name):
+        return self.handle.get_slice(name).get_shape()
+
+    def read(self, name, rows):
+        part = self.handle.get_slice(name)
+        if part.get_dtype() == "BF16":
+            return self._read_bf16(name, rows)
+        array = part[rows] if rows is not None else self.handle.get_tensor(name)
+        return np.ascontiguousarray(array, dtype=np.float32)
+
+    def _read_bf16(self, name, rows):
+        if self._bf16 is None:
+            with open(self.path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                self._header = json.loads(f.read(n))
+            self._bf16 = np.memmap(self.path, dtype=np.uint8, mode="r", offset=8 + n)
+        meta = self._header[name]
+        begin, end = meta["data_offsets"]
+        raw = self._bf16[begin:end].view(np.uint16).reshape(meta["shape"])
+        if rows is not None:
+            raw = raw[rows]
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+def _one_line(error):
+    return " ".join(str(error).split()) or type(error).__name__
