@@ -10,8 +10,6 @@ adjacent pairs (2i, 2i+1); `_unpermute` undoes it so the model's rotate-half RoP
 as transformers does when it loads a GGUF.
 """
 
-import os
-
 import gguf.quants
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
@@ -66,15 +64,12 @@ class GGUFCheckpoint(Checkpoint):
     def __init__(self, path):
         self.path = path
         try:
+            # The reader maps every tensor's bytes (checking that each lies inside the file)
+            # and raises ValueError, KeyError, IndexError... on malformed or missing bytes.
             reader = _Reader(path)
-        except Exception as e:  # the reader raises ValueError, KeyError, IndexError... on bad bytes
-            raise UserError(f"{path}: not a valid GGUF file ({_one_line(e)})") from None
-        size = os.path.getsize(path)
-        self._tensors = {}
-        for t in reader.tensors:
-            if t.data_offset + t.n_bytes > size:
-                raise UserError(f"{path}: truncated GGUF file (tensor {t.name!r} ends past the end of the file)")
-            self._tensors[hf_name(t.name)] = t
+        except Exception as e:
+            raise UserError(f"{path}: not a valid GGUF file, truncated or corrupted ({_one_line(e)})") from None
+        self._tensors = {hf_name(t.name): t for t in reader.tensors}
         self.meta = {name: field.contents() for name, field in reader.fields.items()}
         self.config = gguf_config(self.meta, path, "lm_head.weight" not in self._tensors, "rope_freqs" in self._tensors)
         self._reader = reader  # keeps the mapping alive
