@@ -67,17 +67,22 @@ def load_hf_config(folder):
         raise UserError(f"{path}: not a readable JSON file ({e})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a JSON object")
-    return hf_config_from_dict(raw, path)
+    try:
+        return _hf_config(raw, path)
+    except KeyError as e:
+        raise UserError(f"{path}: missing key {e}") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: invalid value ({e})") from None
 
 
-def hf_config_from_dict(raw, path):
+def _hf_config(raw, path):
     arch = raw.get("model_type")
     if arch not in SUPPORTED:
         raise UserError(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED)})")
 
     def need(key):
-        if key not in raw or raw[key] is None:
-            raise UserError(f"{path}: missing key {key!r}")
+        if raw.get(key) is None:
+            raise KeyError(key)
         return raw[key]
 
     hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
@@ -158,10 +163,16 @@ def gguf_config(meta, path, tie_embeddings, has_rope_freqs):
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise UserError(f"{path}: unsupported GGUF architecture {arch!r} (supported: llama)")
+    try:
+        return _gguf_config(meta, path, tie_embeddings, has_rope_freqs)
+    except KeyError as e:
+        raise UserError(f"{path}: missing GGUF metadata key {e}") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: invalid GGUF metadata value ({e})") from None
 
+
+def _gguf_config(meta, path, tie_embeddings, has_rope_freqs):
     def need(key):
-        if f"llama.{key}" not in meta:
-            raise UserError(f"{path}: missing GGUF metadata key 'llama.{key}'")
         return meta[f"llama.{key}"]
 
     hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))

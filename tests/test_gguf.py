@@ -97,3 +97,20 @@ def test_smollm2_config(smollm2):
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (30, 576, 9, 3, 64)
     assert (cfg.intermediate_size, cfg.vocab_size, cfg.rope.theta, cfg.tie_embeddings) == (1536, 49152, 100000.0, True)
     assert os.path.getsize(smollm2) == 98_362_432
+
+
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"])
+def test_whole_range_dequantize_equals_the_library(qtype):
+    """K-quants (which gguf-py cannot write) dequantize through the same whole-range path as
+    the other types; it must equal gguf.quants.dequantize, for all rows and for a row range."""
+    from mpinfer.gguf_file import _dequantize
+
+    kind = gguf.GGMLQuantizationType[qtype]
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (6, 2 * size), dtype=np.uint8)  # 6 rows of 2 blocks
+    data &= 0x3B  # clears bit 14 of every 16-bit word: fp16 scales stay finite
+    expected = gguf.quants.dequantize(data, kind)
+    assert expected.shape == (6, 2 * block) and np.isfinite(expected).all()
+    np.testing.assert_array_equal(_dequantize(data, kind), expected)
+    np.testing.assert_array_equal(_dequantize(data[2:5], kind), expected[2:5])

@@ -1,13 +1,13 @@
 """Loading SmolLM2 (parse + dequantize to float32) peaks at most 1.5x the float32 weights.
-Measured in a fresh process: peak RSS growth over the RSS after imports, which also counts
-the file pages the memory map touched."""
+Measured in a fresh process: peak RSS (VmHWM) growth over the RSS after imports, which also
+counts the file pages the memory map touched."""
 
 import json
 import subprocess
 import sys
 
 PROBE = """
-import json, resource
+import json
 from mpinfer.model import Decoder
 import mpinfer.gguf_file
 base = int(open('/proc/self/statm').read().split()[1]) * 4096
@@ -16,7 +16,8 @@ c = model.config
 attention = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
 per_layer = attention + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
 weights = 4 * (c.vocab_size * c.hidden_size + c.num_layers * per_layer + c.hidden_size)  # float32, tied head
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM is this address space's peak; ru_maxrss would carry over the forking parent's
+peak = 1024 * int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))
 print(json.dumps({"weights": weights, "growth": peak - base}))
 """
 
