@@ -21,7 +21,7 @@ ROPE_TYPES = ("default", "linear", "llama3")
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
     theta: float
-    type: str = "default"  # one of ROPE_TYPES
+    type: str = "default"  # one of ROPE_TYPES, or "gguf_freqs": divisors from a rope_freqs tensor
     factor: float = 1.0  # linear and llama3
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3

