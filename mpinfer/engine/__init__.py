@@ -1,0 +1,1 @@
+"""The batch engine: scheduler, paged KV cache, sampling."""
