@@ -1,7 +1,5 @@
 """Command line: `mpinfer COMMAND`. User mistakes (UserError) print one line and exit 2."""
 
-import sys
-
 import click
 
 from . import __version__
@@ -60,7 +58,3 @@ def generate(model_path, prompts, chats, max_new_tokens):
         merged = {i: out for part in answers for i, out in part.items()}
         for i, text in enumerate(list(prompts) + list(chats)):
             click.echo(f"[{i}] {text}\n    -> {tokenizer.decode(merged[i])}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

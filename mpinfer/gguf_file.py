@@ -15,8 +15,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
 from .config import gguf_config
-from .errors import UserError
-from .weights import Checkpoint, _one_line
+from .errors import UserError, one_line
+from .weights import Checkpoint
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -68,7 +68,7 @@ class GGUFCheckpoint(Checkpoint):
             # and raises ValueError, KeyError, IndexError... on malformed or missing bytes.
             reader = _Reader(path)
         except Exception as e:
-            raise UserError(f"{path}: not a valid GGUF file, truncated or corrupted ({_one_line(e)})") from None
+            raise UserError(f"{path}: not a valid GGUF file, truncated or corrupted ({one_line(e)})") from None
         self._tensors = {hf_name(t.name): t for t in reader.tensors}
         self.meta = {name: field.contents() for name, field in reader.fields.items()}
         self.config = gguf_config(self.meta, path, "lm_head.weight" not in self._tensors, "rope_freqs" in self._tensors)

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 # llama.cpp's pre-tokenizer names whose split regex differs from GPT-2's (Llama 3 family).
 _LLAMA3_SPLIT = (
@@ -38,9 +38,6 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens=True):
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def token_id(self, token):
-        return self.backend.token_to_id(token)
 
     def render_chat(self, messages, add_generation_prompt=True):
         if not self.chat_template:
@@ -95,7 +92,7 @@ def hf_tokenizer(folder):
     try:
         backend = HFTokenizer.from_file(path)
     except Exception as e:
-        raise UserError(f"{path}: not a valid tokenizer file ({' '.join(str(e).split())})") from None
+        raise UserError(f"{path}: not a valid tokenizer file ({one_line(e)})") from None
     config = {}
     config_path = os.path.join(folder, "tokenizer_config.json")
     if os.path.isfile(config_path):

@@ -16,7 +16,7 @@ import struct
 import numpy as np
 
 from .config import load_hf_config
-from .errors import UserError
+from .errors import UserError, one_line
 
 
 def open_checkpoint(path):
@@ -43,9 +43,6 @@ class Checkpoint:
         if found != tuple(shape):
             raise UserError(f"{self._file_of(name)}: tensor {name!r} has shape {found}, expected {tuple(shape)}")
         return self._read(name, rows)
-
-    def has(self, name):
-        return name in self.names()
 
     def _file_of(self, name):
         return self.path
@@ -94,7 +91,7 @@ class SafetensorsCheckpoint(Checkpoint):
                 # cover the file exactly, so truncated or padded files fail here.
                 handle = _SafetensorsFile(file, safe_open(file, framework="numpy"))
             except Exception as e:  # the library raises its own SafetensorError and OSError
-                raise UserError(f"{file}: not a valid safetensors file ({_one_line(e)})") from None
+                raise UserError(f"{file}: not a valid safetensors file ({one_line(e)})") from None
             self._handles[file] = handle
         return handle
 
@@ -139,7 +136,3 @@ class _SafetensorsFile:
         if rows is not None:
             raw = raw[rows]
         return (raw.astype(np.uint32) << 16).view(np.float32)
-
-
-def _one_line(error):
-    return " ".join(str(error).split()) or type(error).__name__
