@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="MPI batch inference for large language models on HPC clusters",
     packages=find_packages(include=["mpinfer", "mpinfer.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=[
         "numpy>=1.26",
         "click>=8.1",

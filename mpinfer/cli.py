@@ -1,5 +1,9 @@
 """Command line: `mpinfer COMMAND`. User mistakes (UserError) print one line and exit 2."""
 
+import json
+import os
+import sys
+
 import click
 
 from . import __version__
@@ -32,29 +36,55 @@ def fetch(name, cache):
 
 
 @main.command()
-@click.option("--model", "model_path", required=True, help="A .gguf file or a Hugging Face model folder.")
-@click.option("--prompt", "prompts", multiple=True, help="Plain-text prompt (repeatable).")
-@click.option("--chat", "chats", multiple=True, help="User message rendered with the chat template (repeatable).")
-@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
-def generate(model_path, prompts, chats, max_new_tokens):
-    """Greedy answers to a few prompts, split over the MPI ranks; rank 0 prints them in order."""
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a job file key (repeatable).")
+@click.option("--skip-invalid", is_flag=True, help="Record invalid prompt lines as errors and run the rest.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing results file instead of resuming it.")
+def run(job_file, overrides, skip_invalid, overwrite):
+    """Run every prompt of a job; resumes an interrupted results file."""
     from mpi4py import MPI
 
-    from .backend import get_backend
-    from .model import Decoder
-    from .tokenizer import load_tokenizer
-    from .weights import open_checkpoint
+    node = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+    _share_cores(node.size)  # before numpy loads its BLAS
+    from .engine.runner import run_job
+    from .job import load_job
 
-    comm = MPI.COMM_WORLD
-    ckpt = open_checkpoint(model_path)
-    tokenizer = load_tokenizer(model_path, ckpt)
-    model = Decoder(ckpt, get_backend("numpy"))
-    requests = [tokenizer.encode(p) for p in prompts]
-    requests += [tokenizer.encode_chat([{"role": "user", "content": c}]) for c in chats]
-    stop = set(ckpt.config.eos_token_ids)
-    mine = {i: model.generate_greedy(ids, max_new_tokens, stop) for i, ids in enumerate(requests) if i % comm.size == comm.rank}
-    answers = comm.gather(mine, root=0)
-    if comm.rank == 0:
-        merged = {i: out for part in answers for i, out in part.items()}
-        for i, text in enumerate(list(prompts) + list(chats)):
-            click.echo(f"[{i}] {text}\n    -> {tokenizer.decode(merged[i])}")
+    try:
+        job = load_job(job_file, overrides)
+        code = run_job(job, node.size, skip_invalid, overwrite)  # raises UserError on rank 0 only
+    except UserError:
+        if MPI.COMM_WORLD.rank == 0:
+            raise
+        sys.exit(EXIT_BAD_INPUT)  # every rank read the same job file; rank 0 reports it
+    except Exception:
+        if MPI.COMM_WORLD.size == 1:
+            raise
+        # one rank failing must end the whole job, not leave the others waiting for it
+        import traceback
+
+        traceback.print_exc()
+        print(f"mpinfer: rank {MPI.COMM_WORLD.rank} failed; aborting the job", file=sys.stderr, flush=True)
+        MPI.COMM_WORLD.Abort(1)
+    sys.exit(code)
+
+
+def _share_cores(ranks_on_node):
+    """Give each rank's BLAS an equal share of the node's cores, unless the user chose."""
+    threads = str(max(1, len(os.sched_getaffinity(0)) // ranks_on_node))
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, threads)
+
+
+@main.command()
+@click.argument("results_file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(results_file, as_json):
+    """Summarise a results file."""
+    from .io.results import summary
+
+    info = summary(results_file)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        click.echo(f"{key:>18}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")

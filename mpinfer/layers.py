@@ -44,9 +44,9 @@ class Attention:
         self.q_norm = RMSNorm(be, ckpt, f"{p}.q_norm", Dh, cfg.rms_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(be, ckpt, f"{p}.k_norm", Dh, cfg.rms_eps) if cfg.qk_norm else None
 
-    def __call__(self, x, cos, sin, positions, caches, counts):
-        """x (T, D); cos, sin (T, Dh/2); positions (T,); caches[i] holds sequence i, whose
-        counts[i] new tokens are consecutive in x. Returns (T, D)."""
+    def __call__(self, x, cos, sin, kv, batch):
+        """x (T, D), the new tokens of batch's sequences concatenated; cos, sin (T, Dh/2);
+        kv: the paged cache whose pools hold this layer's K/V. Returns (T, D)."""
         T = x.shape[0]
         q = self.q_proj(x).reshape(T, self.heads, self.head_dim)
         k = self.k_proj(x).reshape(T, self.kv_heads, self.head_dim)
@@ -54,13 +54,11 @@ class Attention:
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.be.rope(q, cos, sin), self.be.rope(k, cos, sin)
-        out, start = [], 0
-        for cache, n in zip(caches, counts):
-            seq = slice(start, start + n)
-            keys, values = cache.store(self.layer, k[seq], v[seq])  # (S, Hkv, Dh)
-            out.append(self.be.attention(q[seq], keys, values, positions[seq], self.window))
-            start += n
-        return self.o_proj(np.concatenate(out).reshape(T, self.heads * self.head_dim))
+        k_pool, v_pool = kv.k[self.layer], kv.v[self.layer]  # (slots, Hkv, Dh)
+        self.be.store_kv(k_pool, batch.slots, k)
+        self.be.store_kv(v_pool, batch.slots, v)
+        out = self.be.paged_attention(q, k_pool, v_pool, batch, self.window)  # (T, H, Dh)
+        return self.o_proj(out.reshape(T, self.heads * self.head_dim))
 
 
 class MLP:

@@ -2,13 +2,14 @@
 ModelConfig (biases, q/k norm, sliding windows, RoPE scaling, tied embeddings).
 
     model = Decoder.load("model.gguf")              # or a Hugging Face folder
-    cache = model.new_cache()
-    logits = model.forward(ids, [cache], [len(ids)])  # prefill: (1, V) for the last token
-    logits = model.forward([next_id], [cache], [1])   # decode step
+    seq = model.new_cache()                         # a sequence in a growable paged KV pool
+    logits = model.forward(ids, [seq], [len(ids)])  # prefill: (1, V) for the last token
+    logits = model.forward([next_id], [seq], [1])   # decode step
 
 A forward pass takes the new tokens of several sequences at once, concatenated, so prefill
-chunks and decode steps of different requests share every matmul; only attention runs per
-sequence, against that sequence's cache.
+chunks and decode steps of different requests share every matmul; only attention looks at
+each sequence's own cache. The batch engine gives the sequences a fixed-size pool
+(kvcache.PagedKVCache); new_cache() is for one-off use.
 """
 
 import os
@@ -18,7 +19,7 @@ import numpy as np
 
 from . import rope
 from .backend import get_backend
-from .kvcache import KVCache
+from .kvcache import PagedKVCache
 from .layers import MLP, Attention, RMSNorm
 from .weights import open_checkpoint
 
@@ -31,8 +32,8 @@ class Block:
         self.post_attention_norm = RMSNorm(be, ckpt, f"{p}.post_attention_layernorm", cfg.hidden_size, cfg.rms_eps)
         self.mlp = MLP(cfg, be, ckpt, layer)
 
-    def __call__(self, x, cos, sin, positions, caches, counts):
-        x = x + self.attn(self.input_norm(x), cos, sin, positions, caches, counts)
+    def __call__(self, x, cos, sin, kv, batch):
+        x = x + self.attn(self.input_norm(x), cos, sin, kv, batch)
         return x + self.mlp(self.post_attention_norm(x))
 
 
@@ -52,27 +53,32 @@ class Decoder:
             self.lm_head = be.weight(ckpt.get("lm_head.weight", (cfg.vocab_size, cfg.hidden_size)))
         divisors = ckpt.get("rope_freqs", (cfg.head_dim // 2,)) if cfg.rope.type == "gguf_freqs" else None
         self.inv_freq = rope.inv_freq(cfg.rope, cfg.head_dim, divisors)
+        self._spare_pool = None  # new_cache()'s pool, made on first use
 
     @classmethod
     def load(cls, path, backend="numpy"):
         return cls(open_checkpoint(path), get_backend(backend))
 
     def new_cache(self):
-        cfg = self.config
-        return KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        """An empty sequence in a small growable KV pool shared by every new_cache() call."""
+        if self._spare_pool is None:
+            cfg = self.config
+            self._spare_pool = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_blocks=8, growable=True)
+        return self._spare_pool.sequence()
 
-    def forward(self, ids, caches, counts, all_logits=False):
-        """ids: the new tokens of len(caches) sequences, concatenated (sum(counts),).
-        Returns float32 logits (len(caches), V) for each sequence's last new token, or
-        (sum(counts), V) for every token with all_logits. Advances every cache."""
+    def forward(self, ids, seqs, counts, all_logits=False):
+        """ids: the new tokens of len(seqs) sequences, concatenated (sum(counts),); seqs:
+        kvcache.SequenceCache of one pool. Returns float32 logits (len(seqs), V) for each
+        sequence's last new token, or (sum(counts), V) for every token with all_logits.
+        Stores the new tokens' K/V and commits them to each sequence."""
         ids = np.asarray(ids, dtype=np.int64)
-        positions = np.concatenate([np.arange(c.length, c.length + n) for c, n in zip(caches, counts)])
-        cos, sin = rope.cos_sin(self.inv_freq, positions)
+        kv = seqs[0].pool
+        batch = kv.batch(seqs, counts)
+        cos, sin = rope.cos_sin(self.inv_freq, batch.positions)
         x = self.be.embedding(self.embed, ids)  # (T, D)
         for block in self.blocks:
-            x = block(x, cos, sin, positions, caches, counts)
-        for cache, n in zip(caches, counts):
-            cache.advance(n)
+            x = block(x, cos, sin, kv, batch)
+        batch.commit()
         if not all_logits:
             x = x[np.cumsum(counts) - 1]
         return self.be.to_numpy(self.be.linear(self.norm(x), self.lm_head))
@@ -87,4 +93,5 @@ class Decoder:
             if out[-1] in stop_ids:
                 break
             logits = self.forward([out[-1]], [cache], [1])
+        cache.pool.release(cache)
         return out

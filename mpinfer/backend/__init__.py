@@ -9,4 +9,6 @@ def get_backend(name):
         from .numpy_backend import NumpyBackend
 
         return NumpyBackend()
+    if name == "cuda":
+        raise UserError("engine.backend: the CUDA backend is not built yet; use 'numpy' or 'auto'")
     raise UserError(f"engine.backend: unknown backend {name!r} (expected 'numpy', 'cuda' or 'auto')")

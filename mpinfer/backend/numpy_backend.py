@@ -2,7 +2,11 @@
 
 Shapes: T new tokens (all sequences of a batch concatenated), D hidden, H query heads,
 Hkv key/value heads, G = H / Hkv query heads per KV head, Dh head dim, S cached tokens of
-one sequence (including the new ones), V vocabulary.
+one sequence (including the new ones), V vocabulary, B sequences in a batch.
+
+OpenBLAS rounds a row of a matrix product differently depending on the number of rows and
+threads, so logits of one request move by ~1e-6 relative with its batch neighbours; tokens
+agree unless two candidates are that close.
 """
 
 import numpy as np
@@ -66,3 +70,44 @@ class NumpyBackend:
         p /= p.sum(axis=-1, keepdims=True)
         out = p @ v.transpose(1, 0, 2)[:, None]  # (Hkv, G, T, Dh)
         return out.transpose(2, 0, 1, 3).reshape(T, H, Dh)
+
+    def store_kv(self, pool, slots, x):
+        # pool (slots total, Hkv, Dh) of one layer; the new tokens' x (T, Hkv, Dh) go to rows slots (T,)
+        pool[slots] = x
+
+    def paged_attention(self, q, k_pool, v_pool, batch, window):
+        """attention() for every sequence of a batch, reading K/V from the paged pools.
+        q (T, H, Dh), the sequences' new tokens concatenated; batch: kvcache.Batch (block
+        tables, kv_lens, q_lens). Sequences with one new token (decode) are computed
+        together; prefill chunks one by one. Returns (T, H, Dh)."""
+        bs = batch.pool.block_size
+        starts = np.concatenate([[0], np.cumsum(batch.q_lens)])
+        out = np.empty_like(q)
+        decode = np.flatnonzero(batch.q_lens == 1)
+        if len(decode):
+            out[starts[decode]] = self._decode_attention(q[starts[decode]], k_pool, v_pool, batch.tables[decode], batch.kv_lens[decode], bs, window)
+        for i in np.flatnonzero(batch.q_lens > 1):
+            S = batch.kv_lens[i]
+            slots = (batch.tables[i, :, None] * bs + np.arange(bs)).ravel()[:S]
+            seq = slice(starts[i], starts[i + 1])
+            out[seq] = self.attention(q[seq], k_pool[slots], v_pool[slots], np.arange(S - batch.q_lens[i], S), window)
+        return out
+
+    def _decode_attention(self, q, k_pool, v_pool, tables, kv_lens, bs, window):
+        # q (B, H, Dh), one query per sequence at position kv_len - 1; tables (B, nb)
+        B, H, Dh = q.shape
+        Hkv = k_pool.shape[1]
+        S = tables.shape[1] * bs  # padded to the longest sequence; the mask hides the rest
+        k = k_pool.reshape(-1, bs, Hkv, Dh)[tables].reshape(B, S, Hkv, Dh).transpose(0, 2, 3, 1)  # (B, Hkv, Dh, S)
+        v = v_pool.reshape(-1, bs, Hkv, Dh)[tables].reshape(B, S, Hkv, Dh).transpose(0, 2, 1, 3)  # (B, Hkv, S, Dh)
+        scores = q.reshape(B, Hkv, H // Hkv, Dh) @ k  # (B, Hkv, G, S)
+        scores *= 1.0 / np.sqrt(Dh)
+        k_pos, q_pos = np.arange(S), kv_lens[:, None] - 1
+        visible = k_pos < kv_lens[:, None]  # (B, S)
+        if window:
+            visible &= q_pos - k_pos < window
+        scores = np.where(visible[:, None, None, :], scores, -np.inf)
+        scores -= scores.max(axis=-1, keepdims=True)
+        p = np.exp(scores)
+        p /= p.sum(axis=-1, keepdims=True)
+        return (p @ v).reshape(B, H, Dh)

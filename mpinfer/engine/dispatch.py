@@ -1,0 +1,195 @@
+"""Data parallel work sharing: one queue of requests on rank 0, replicas pull from it.
+
+Rank 0 runs a service thread next to its own replica. It answers every replica's ask for
+work within milliseconds, whatever rank 0's own replica is computing, so no replica waits
+for another; it also receives finished requests and hands them to the results writer.
+Replicas ask before their queue runs dry, so a reply is there when they need it. Each
+grant is at most 1/(2R) of what is left (guided self-scheduling): large early, one request
+at the end, so replicas finish together even when prompts differ wildly in length.
+
+Messages are JSON (never pickle): ask {"n", "generated"} -> work {"requests": [...]}, an
+empty list meaning the queue is drained; done {"records", "generated"}; bye {"generated"}.
+While a replica waits, it polls with short sleeps instead of a blocking MPI call, because
+MPICH's blocking calls spin and would steal a core from the ranks that compute.
+"""
+
+import collections
+import dataclasses
+import json
+import threading
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from ..io.prompts import Request
+from .sampling import SamplingParams
+
+ASK, WORK, DONE, BYE, FINAL = range(1, 6)
+POLL_S = 0.002
+
+
+def send(comm, obj, dest, tag):
+    comm.Send(json.dumps(obj).encode(), dest=dest, tag=tag)
+
+
+def isend(comm, obj, dest, tag):
+    """Non-blocking send; keep the returned (request, buffer) until the request completes."""
+    buf = json.dumps(obj).encode()
+    return comm.Isend(buf, dest=dest, tag=tag), buf
+
+
+def poll(comm, source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, block=False):
+    """The next message as (source, tag, obj), or None when none is there and not block."""
+    status = MPI.Status()
+    while not comm.Iprobe(source, tag, status):
+        if not block:
+            return None
+        time.sleep(POLL_S)
+    buf = bytearray(status.Get_count(MPI.BYTE))
+    comm.Recv(buf, status.Get_source(), status.Get_tag())
+    return status.Get_source(), status.Get_tag(), json.loads(buf)
+
+
+def wait(request):
+    """Complete a non-blocking MPI request by polling (see the module docstring)."""
+    while not request.Test():
+        time.sleep(POLL_S)
+
+
+def allgather(comm, obj):
+    """Every rank's obj (JSON-able), in rank order. Waits by polling (see wait())."""
+    wait(comm.Ibarrier())
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.zeros(comm.size, np.int64)
+    comm.Allgather(np.array([data.size], np.int64), sizes)
+    out = np.empty(int(sizes.sum()), np.uint8)
+    comm.Allgatherv(data, [out, sizes])
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    return [json.loads(out[a:b].tobytes()) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def encode_request(r):
+    return dict(index=r.index, id=r.id, prompt_ids=r.prompt_ids.tolist(), sampling=dataclasses.asdict(r.sampling))
+
+
+def decode_request(d):
+    s = d["sampling"]
+    params = SamplingParams(**{**s, "stop": tuple(s["stop"]), "stop_token_ids": tuple(s["stop_token_ids"])})
+    return Request(d["index"], d["id"], np.asarray(d["prompt_ids"], np.int32), params)
+
+
+def plain(record):
+    """A result record with JSON-able values."""
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in record.items()}
+
+
+class Dispatcher:
+    """Rank 0's queue, service thread and collection point.
+
+    on_records(records) and tick() run on the service thread only, so the results writer
+    and the progress display need no locks of their own."""
+
+    def __init__(self, comm, pending, on_records, tick):
+        self.comm, self.on_records, self.tick = comm, on_records, tick
+        self.pending = collections.deque(pending)
+        self.replicas = comm.size
+        self.generated = [0] * comm.size  # tokens sampled per replica, for progress
+        self.lock = threading.Lock()
+        self.inbox = []  # rank 0's own finished records
+        self.bye = 0
+        self.sends = []  # work replies in flight: a replica receives between its engine steps
+        self.thread = threading.Thread(target=self._serve, name="mpinfer-dispatch", daemon=True)
+        self.error = None
+
+    def grant(self, n):
+        with self.lock:
+            k = min(n, max(1, -(-len(self.pending) // (2 * self.replicas))))
+            return [self.pending.popleft() for _ in range(min(k, len(self.pending)))]
+
+    def _serve(self):
+        try:
+            while self.bye < self.replicas:
+                msg = poll(self.comm)
+                if msg is None:
+                    self._drain_inbox()
+                    self.tick()
+                    time.sleep(POLL_S)
+                    continue
+                source, tag, obj = msg
+                self.generated[source] = obj.get("generated", self.generated[source])
+                if tag == ASK:
+                    reply = {"requests": [encode_request(r) for r in self.grant(obj["n"])]}
+                    self.sends = [s for s in self.sends if not s[0].Test()]
+                    self.sends.append(isend(self.comm, reply, source, WORK))
+                elif tag == DONE:
+                    self.on_records(obj["records"])
+                elif tag == BYE:
+                    self.bye += 1
+            self._drain_inbox()
+            for request, _ in self.sends:
+                wait(request)
+        except BaseException as e:  # reported by the main thread, which then aborts the job
+            self.error = e
+
+    def _drain_inbox(self):
+        with self.lock:
+            records, self.inbox = self.inbox, []
+        if records:
+            self.on_records(records)
+
+
+class LocalQueue:
+    """Rank 0's replica talks to the dispatcher directly (no MPI from the main thread)."""
+
+    def __init__(self, dispatcher):
+        self.d = dispatcher
+        self.drained = False
+
+    def take(self, n, block=False):
+        if self.d.error is not None:  # the service thread died: stop this replica too
+            raise self.d.error
+        got = self.d.grant(n)
+        self.drained = not got
+        return got
+
+    def put(self, records, generated):
+        with self.d.lock:
+            self.d.inbox.extend(plain(r) for r in records)
+            self.d.generated[0] = generated
+
+    def close(self, generated):
+        with self.d.lock:
+            self.d.generated[0] = generated
+            self.d.bye += 1
+
+
+class RemoteQueue:
+    """Another replica's view of rank 0's queue: one ask in flight at a time."""
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.asked = False
+        self.drained = False
+        self.generated = 0
+
+    def take(self, n, block=False):
+        """Requests granted to us, if the answer to our ask is there (or, with block, once it
+        is); asks again for n otherwise. [] also when the queue is drained."""
+        if not self.asked:
+            send(self.comm, {"n": n, "generated": self.generated}, 0, ASK)
+            self.asked = True
+        msg = poll(self.comm, 0, WORK, block)
+        if msg is None:
+            return []
+        self.asked = False
+        requests = msg[2]["requests"]
+        self.drained = not requests
+        return [decode_request(d) for d in requests]
+
+    def put(self, records, generated):
+        self.generated = generated
+        send(self.comm, {"records": [plain(r) for r in records], "generated": generated}, 0, DONE)
+
+    def close(self, generated):
+        send(self.comm, {"generated": generated}, 0, BYE)

@@ -1,0 +1,191 @@
+"""The job file (TOML, DESIGN.md section 1) and its `--set section.key=value` overrides.
+
+A relative path in the job file is relative to the job file's folder, so a job folder can be
+moved whole; a relative path given with --set is relative to the current directory, as any
+path typed on a command line. A leading ~ is the home folder. A --set value is read as a
+TOML value (7, 0.5, ["\\n"], "x") and, when it is not one, as a plain string, so
+--set model.path=/a/b.gguf needs no quotes.
+"""
+
+import dataclasses
+import json
+import os
+import tomllib
+
+from .engine.sampling import SamplingParams, checked, show
+from .errors import UserError, one_line
+
+BACKENDS = ("auto", "numpy", "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    cp: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    backend: str = "auto"  # one of BACKENDS; auto = cuda when a GPU is usable
+    max_batch_tokens: int = 512  # token budget of one engine step (prefill chunks + decodes)
+    max_seqs: int = 128  # requests running at once on one replica
+    block_size: int = 16  # tokens per KV-cache block
+    kv_cache_gb: float = 1.0  # GiB of KV cache per replica
+    flush_seconds: float = 5.0  # finished requests reach the results file at least this often
+
+
+# key: (type, test, what the test asks), as in sampling.py
+_AT_LEAST_1 = (int, lambda v: v >= 1, "must be >= 1")
+_PARALLEL_RULES = {"tp": _AT_LEAST_1, "pp": _AT_LEAST_1, "ep": _AT_LEAST_1, "cp": _AT_LEAST_1}
+_ENGINE_RULES = {
+    "backend": (str, lambda v: v in BACKENDS, f"must be one of {', '.join(BACKENDS)}"),
+    "max_batch_tokens": (int, lambda v: v >= 16, "must be >= 16"),
+    "max_seqs": _AT_LEAST_1,
+    "block_size": (int, lambda v: v in [2**i for i in range(9)], "must be a power of two from 1 to 256"),
+    "kv_cache_gb": (float, lambda v: v > 0, "must be > 0"),
+    "flush_seconds": (float, lambda v: v > 0, "must be > 0"),
+}
+_PATH_RULE = (str, lambda v: v != "", "must not be empty")
+SECTIONS = {
+    "model": ("path",),
+    "input": ("path",),
+    "output": ("path",),
+    "sampling": tuple(f.name for f in dataclasses.fields(SamplingParams)),
+    "parallel": tuple(_PARALLEL_RULES),
+    "engine": tuple(_ENGINE_RULES),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    path: str  # the job file, as given
+    model_path: str  # absolute
+    input_path: str  # absolute
+    output_path: str  # absolute
+    sampling: SamplingParams
+    parallel: Parallel
+    engine: Engine
+
+    def toml(self):
+        """The effective job as TOML: every section and key, absolute paths."""
+        sections = {
+            "model": {"path": self.model_path},
+            "input": {"path": self.input_path},
+            "output": {"path": self.output_path},
+            "sampling": dataclasses.asdict(self.sampling),
+            "parallel": dataclasses.asdict(self.parallel),
+            "engine": dataclasses.asdict(self.engine),
+        }
+        lines = []
+        for name, table in sections.items():
+            lines += [f"[{name}]"] + [f"{key} = {_toml_value(value)}" for key, value in table.items()] + [""]
+        return "\n".join(lines)
+
+
+def _toml_value(value):
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        # JSON string escapes are TOML basic-string escapes; DEL is the one control
+        # character JSON leaves raw and TOML refuses
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    return repr(value)  # int, or float (always with a "." or an exponent, as TOML wants); no bools yet
+
+
+def load_job(path, overrides=()):
+    """The Job of a job file with `--set` overrides ("section.key=value") applied."""
+    path = os.fspath(path)
+    given = _given(path, overrides)
+    sampling = SamplingParams()
+    for (section, key), (value, where, _) in given.items():
+        if section == "sampling":
+            try:
+                sampling = sampling.override({key: value})
+            except ValueError as e:
+                raise UserError(f"{where}sampling.{e}") from None
+    where, model_path = _path(path, given, "model")
+    if not os.path.exists(model_path):
+        raise UserError(f"{where}model.path: {model_path} does not exist")
+    where, input_path = _path(path, given, "input")
+    if not os.path.isfile(input_path):
+        problem = "is a folder, not a file" if os.path.isdir(input_path) else "does not exist"
+        raise UserError(f"{where}input.path: {input_path} {problem}")
+    where, output_path = _path(path, given, "output")
+    if os.path.isdir(output_path):
+        raise UserError(f"{where}output.path: {output_path} is a folder, not a file")
+    if not os.path.isdir(os.path.dirname(output_path)):
+        raise UserError(f"{where}output.path: folder {os.path.dirname(output_path)} does not exist")
+    parallel = Parallel(**_section(given, "parallel", _PARALLEL_RULES))
+    engine = Engine(**_section(given, "engine", _ENGINE_RULES))
+    return Job(path, model_path, input_path, output_path, sampling, parallel, engine)
+
+
+def _given(path, overrides):
+    """{(section, key): (value, where it was given, folder of relative paths)} from the job
+    file and then the overrides, every section and key known. `where` starts the messages
+    about the value: "job.toml: " or "--set "."""
+    given = {}
+    folder = os.path.dirname(os.path.abspath(path))
+    for section, table in _read_toml(path).items():
+        if section not in SECTIONS:
+            raise UserError(f"{path}: unknown section [{section}] (known: {', '.join(SECTIONS)})")
+        if not isinstance(table, dict):
+            raise UserError(f"{path}: {section}: expected a section [{section}], got {show(table)}")
+        for key, value in table.items():
+            given[section, key] = (value, f"{path}: ", folder)
+    for item in overrides:
+        section, key, value = _parse_set(item)
+        given[section, key] = (value, "--set ", os.getcwd())
+    for (section, key), (_, where, _) in given.items():
+        if key not in SECTIONS[section]:
+            raise UserError(f"{where}{section}.{key}: unknown key (known: {', '.join(SECTIONS[section])})")
+    return given
+
+
+def _checked(given, section, key, kind, ok, rule):
+    value, where, _ = given[section, key]
+    try:
+        return checked(key, value, kind, ok, rule)
+    except ValueError as e:
+        raise UserError(f"{where}{section}.{e}") from None
+
+
+def _section(given, section, rules):
+    return {key: _checked(given, section, key, *rule) for key, rule in rules.items() if (section, key) in given}
+
+
+def _path(path, given, section):
+    """(where it was given, absolute path) of [section] path."""
+    if (section, "path") not in given:
+        raise UserError(f"{path}: {section}.path: missing (add it under [{section}] or --set {section}.path=...)")
+    _, where, folder = given[section, "path"]
+    value = os.path.expanduser(_checked(given, section, "path", *_PATH_RULE))
+    return where, os.path.normpath(os.path.join(folder, value))
+
+
+def _read_toml(path):
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such job file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the job file ({e.strerror})") from None
+    except ValueError as e:  # tomllib.TOMLDecodeError (its message has the line), or not UTF-8
+        raise UserError(f"{path}: not valid TOML: {one_line(e)}") from None
+
+
+def _parse_set(item):
+    """("section", "key", value) of one --set argument."""
+    name, equals, text = item.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not equals or not dot or not section or not key:
+        raise UserError(f"--set {name.strip()}: expected section.key=value (e.g. --set parallel.tp=2)")
+    if section not in SECTIONS:
+        raise UserError(f"--set {section}.{key}: unknown section '{section}' (known: {', '.join(SECTIONS)})")
+    try:
+        return section, key, tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return section, key, text.strip()
