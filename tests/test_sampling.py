@@ -4,7 +4,8 @@ transformers' logits warpers, and inverse-CDF frequencies against the distributi
 import numpy as np
 import pytest
 
-from mpinfer.engine.sampling import SamplingParams, filtered_probs, logprobs, philox4x32, request_key, sample, uniform
+from mpinfer.engine.sampling import (SamplingParams, filtered_probs, logprobs, logsumexp, philox4x32, request_key, sample,
+                                     top_ids, uniform)
 
 
 @pytest.mark.parametrize("counter,key,expected", [
@@ -65,7 +66,15 @@ def test_inverse_cdf_frequencies_follow_the_distribution():
 def test_greedy_and_logprobs():
     logits = np.array([1.0, 3.0, 3.0, -2.0], np.float32)
     assert sample(logits, SamplingParams(), 0, 0) == 1  # ties: lowest id
-    lp, top, top_lp = logprobs(logits, 2, 2)
+    lse = logsumexp(logits[None])[0]
+    lp, top, top_lp = logprobs(logits, lse, 2, 2)
     ref = logits - np.log(np.exp(logits.astype(np.float64)).sum())
     assert lp == pytest.approx(ref[2]) and top.tolist() == [1, 2]
     np.testing.assert_allclose(top_lp, ref[[1, 2]], rtol=1e-6)
+
+
+def test_top_ids_equals_stable_argsort():
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 20, 500).astype(np.float32)  # many ties
+    for n in (1, 5, 37, 500):
+        assert top_ids(values, n).tolist() == np.argsort(-values, kind="stable")[:n].tolist()

@@ -46,8 +46,13 @@ class NumpyBackend:
         return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
     def silu_mul(self, gate, up):
-        # SwiGLU: silu(gate) * up, (T, I)
-        return gate / (1.0 + np.exp(-gate)) * up
+        # SwiGLU: silu(gate) * up, (T, I); in place in one buffer (this is memory-bound)
+        out = np.negative(gate)
+        np.exp(out, out=out)
+        out += 1.0
+        np.divide(gate, out, out=out)
+        out *= up
+        return out
 
     def attention(self, q, k, v, q_pos, window):
         """Causal grouped-query attention of one sequence against its cache.

@@ -116,6 +116,7 @@ def _lead(job, setup, scheduler, comm, t0):
 
     dispatcher = dispatch.Dispatcher(comm, setup["pending"], on_records, tick)
     on_records([_error_record(r) for r in setup["invalid"]])
+    startup = time.perf_counter() - t0  # validation and model load, before the first step
     dispatcher.thread.start()
     _replica(scheduler, dispatch.LocalQueue(dispatcher), job.engine.max_seqs)
     dispatcher.thread.join()
@@ -125,7 +126,7 @@ def _lead(job, setup, scheduler, comm, t0):
     progress.close()
     results.flush(time.perf_counter() - t0)
     wall = results.wall_s_before + time.perf_counter() - t0
-    metrics = _metrics(read_rows(job.output_path), wall)
+    metrics = {**_metrics(read_rows(job.output_path), wall), "startup_s": startup}
     results.finish(time.perf_counter() - t0, metrics)
     requests = [dispatch.isend(comm, {}, r, dispatch.FINAL) for r in range(1, comm.size)]
     for request, _ in requests:

@@ -107,14 +107,23 @@ def uniform(seed, request_key_, step):
     return float((int(w0[0]) >> 5) * 2.0**26 + (int(w1[0]) >> 6)) / 2.0**53
 
 
+def top_ids(values, n):
+    """Ids of the n largest values, largest first, ties by lower id (as a stable argsort of
+    -values, without sorting the whole vocabulary)."""
+    if n < len(values):
+        kth = np.partition(values, len(values) - n)[len(values) - n]
+        ids = np.flatnonzero(values >= kth)  # the n largest and any ties with the n-th
+    else:
+        ids = np.arange(len(values))
+    return ids[np.lexsort((ids, -values[ids]))][:n]
+
+
 def filtered_probs(logits, params):
     """The distribution a step samples from: (token ids, probabilities), most likely first.
     Order of the filters as in transformers: temperature, top-k, top-p, min-p. Ties in the
     logits keep the lower token id first."""
     scaled = logits.astype(np.float64) / params.temperature
-    order = np.argsort(-scaled, kind="stable")
-    if params.top_k > 0:
-        order = order[: params.top_k]
+    order = top_ids(scaled, params.top_k if params.top_k > 0 else len(scaled))
     probs = np.exp(scaled[order] - scaled[order[0]])
     probs /= probs.sum()
     if params.top_p < 1.0:
@@ -136,10 +145,17 @@ def sample(logits, params, request_key_, step):
     return int(order[min(int(np.searchsorted(np.cumsum(probs), u, side="right")), len(order) - 1)])
 
 
-def logprobs(logits, token, top_n):
+def logsumexp(logits):
+    """log sum exp over the vocabulary of each row: (R, V) float32 -> (R,) float64 (float32
+    sums are pairwise, accurate to ~1e-7 relative)."""
+    m = logits.max(axis=-1, keepdims=True)
+    e = logits - m
+    np.exp(e, out=e)
+    return m[:, 0].astype(np.float64) + np.log(e.sum(axis=-1).astype(np.float64))
+
+
+def logprobs(logits, lse, token, top_n):
     """log p(token) under the model's own distribution (before any filter), and the top_n
-    (ids, logprobs), most likely first."""
-    z = logits.astype(np.float64)
-    lse = z.max() + np.log(np.sum(np.exp(z - z.max())))
-    top = np.argsort(-z, kind="stable")[:top_n]
-    return float(z[token] - lse), top, (z[top] - lse).astype(np.float32)
+    (ids, logprobs), most likely first. logits (V,); lse its logsumexp()."""
+    top = top_ids(logits, top_n) if top_n else np.zeros(0, np.int64)
+    return float(logits[token] - lse), top, (logits[top] - lse).astype(np.float32)

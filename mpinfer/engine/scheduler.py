@@ -71,8 +71,9 @@ class Scheduler:
         done = [(seq, row) for row, (seq, _) in enumerate(scheduled) if seq.todo == 0]
         finished = []
         now = self.clock()
-        for seq, row in done:
-            self._sample(seq, logits[row], now)
+        lse = sampling.logsumexp(logits[[row for _, row in done]]) if done else []
+        for (seq, row), row_lse in zip(done, lse):
+            self._sample(seq, logits[row], row_lse, now)
             if seq.finish_reason:
                 self.running.remove(seq)
                 self.pool.release(seq.cache)
@@ -113,10 +114,10 @@ class Scheduler:
         self.pool.release(seq.cache)  # recomputed from its tokens when readmitted
         self.waiting.appendleft(seq)
 
-    def _sample(self, seq, logits, now):
+    def _sample(self, seq, logits, lse, now):
         p = seq.params
         token = sampling.sample(logits, p, seq.key, len(seq.output))
-        lp, top_ids, top_lps = sampling.logprobs(logits, token, p.logprobs)
+        lp, top_ids, top_lps = sampling.logprobs(logits, lse, token, p.logprobs)
         seq.tokens.append(token)
         seq.output.append(token)
         seq.logprobs.append(lp)
