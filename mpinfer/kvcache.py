@@ -31,11 +31,17 @@ class PagedKVCache:
         self.v = [np.zeros_like(k) for k in self.k]
         self.free = list(range(num_blocks - 1, -1, -1))  # a stack: lowest ids handed out first
 
+    @staticmethod
+    def blocks_for_bytes(cfg, nbytes, block_size):
+        """Blocks that fit in nbytes for the model config (K and V, float32, every layer)."""
+        per_block = 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * 4
+        return max(1, int(nbytes // per_block))
+
     @classmethod
     def for_bytes(cls, cfg, nbytes, block_size):
-        """A pool of at most nbytes for the model config (K and V, float32, every layer)."""
-        per_block = 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * 4
-        return cls(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max(1, int(nbytes // per_block)), block_size)
+        """A pool of at most nbytes for the model config."""
+        blocks = cls.blocks_for_bytes(cfg, nbytes, block_size)
+        return cls(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, blocks, block_size)
 
     @property
     def num_blocks(self):

@@ -134,7 +134,7 @@ def rank_pids(job):
 def slow_job(model, tmp_path_factory):
     """A job slow enough to kill in the middle (two requests at a time), and its rows from an
     uninterrupted run."""
-    settings = dict(sampling={"max_new_tokens": 30}, engine={"max_batch_tokens": 16, "max_seqs": 1, "flush_seconds": 0.05})
+    settings = dict(sampling={"max_new_tokens": 60}, engine={"max_batch_tokens": 16, "max_seqs": 1, "flush_seconds": 0.05})
     job, out = write_job(tmp_path_factory.mktemp("slow"), model, prompt_lines(80, seed=7), **settings)
     done = mpinfer(2, "run", job)
     assert done.returncode == 0, done.stderr
@@ -251,3 +251,11 @@ def test_set_overrides_and_metrics(model, tmp_path):
             assert f.attrs[key] >= 0, key
         lengths = [len(x) for x in f["requests/output_ids"][:]]
     assert max(lengths) <= 4
+
+
+def test_request_larger_than_the_kv_cache_is_refused(model, tmp_path):
+    job, out = write_job(tmp_path, model, prompt_lines(3), engine={"kv_cache_gb": 0.0001})
+    done = mpinfer(1, "run", job, "--set", "sampling.max_new_tokens=200")
+    assert done.returncode == 2, done.stderr
+    assert "engine.kv_cache_gb" in done.stderr and "line 1" in done.stderr, done.stderr
+    assert not out.exists()

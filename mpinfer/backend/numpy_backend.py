@@ -9,11 +9,33 @@ threads, so logits of one request move by ~1e-6 relative with its batch neighbou
 agree unless two candidates are that close.
 """
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
+
+DECODE_CHUNK = 16  # sequences per decode-attention task: its gathered K/V (a few MB) stay in cache
+ROW_CHUNK = 64  # rows per task of an element-wise op
 
 
 class NumpyBackend:
+    """threads: how many cores this rank may use (default: its BLAS thread count). Attention
+    and element-wise ops are split over them in chunks; NumPy releases the GIL inside each."""
+
     name = "numpy"
+
+    def __init__(self, threads=None):
+        threads = threads or int(os.environ.get("OPENBLAS_NUM_THREADS") or len(os.sched_getaffinity(0)))
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="mpinfer-numpy") if threads > 1 else None
+
+    def _each(self, fn, tasks):
+        """fn(task) for every task, on the pool's threads."""
+        if self.pool is None or len(tasks) == 1:
+            for t in tasks:
+                fn(t)
+        else:
+            for _ in self.pool.map(fn, tasks):
+                pass
 
     def weight(self, array):
         """A checkpoint tensor as this backend keeps it (here: contiguous float32)."""
@@ -46,12 +68,18 @@ class NumpyBackend:
         return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
     def silu_mul(self, gate, up):
-        # SwiGLU: silu(gate) * up, (T, I); in place in one buffer (this is memory-bound)
-        out = np.negative(gate)
-        np.exp(out, out=out)
-        out += 1.0
-        np.divide(gate, out, out=out)
-        out *= up
+        # SwiGLU: silu(gate) * up, (T, I); in place in one buffer, by chunks of rows (memory-bound)
+        out = np.empty_like(gate)
+
+        def rows(r):
+            o = out[r : r + ROW_CHUNK]
+            np.negative(gate[r : r + ROW_CHUNK], out=o)
+            np.exp(o, out=o)
+            o += 1.0
+            np.divide(gate[r : r + ROW_CHUNK], o, out=o)
+            o *= up[r : r + ROW_CHUNK]
+
+        self._each(rows, range(0, len(gate), ROW_CHUNK))
         return out
 
     def attention(self, q, k, v, q_pos, window):
@@ -84,18 +112,27 @@ class NumpyBackend:
         """attention() for every sequence of a batch, reading K/V from the paged pools.
         q (T, H, Dh), the sequences' new tokens concatenated; batch: kvcache.Batch (block
         tables, kv_lens, q_lens). Sequences with one new token (decode) are computed
-        together; prefill chunks one by one. Returns (T, H, Dh)."""
+        DECODE_CHUNK at a time; prefill chunks one by one. Returns (T, H, Dh)."""
         bs = batch.pool.block_size
         starts = np.concatenate([[0], np.cumsum(batch.q_lens)])
         out = np.empty_like(q)
         decode = np.flatnonzero(batch.q_lens == 1)
-        if len(decode):
-            out[starts[decode]] = self._decode_attention(q[starts[decode]], k_pool, v_pool, batch.tables[decode], batch.kv_lens[decode], bs, window)
-        for i in np.flatnonzero(batch.q_lens > 1):
-            S = batch.kv_lens[i]
-            slots = (batch.tables[i, :, None] * bs + np.arange(bs)).ravel()[:S]
-            seq = slice(starts[i], starts[i + 1])
-            out[seq] = self.attention(q[seq], k_pool[slots], v_pool[slots], np.arange(S - batch.q_lens[i], S), window)
+        tasks = [decode[c : c + DECODE_CHUNK] for c in range(0, len(decode), DECODE_CHUNK)]
+        tasks += [[i] for i in np.flatnonzero(batch.q_lens > 1)]
+
+        def run(seqs):
+            if batch.q_lens[seqs[0]] == 1:
+                rows, lens = starts[seqs], batch.kv_lens[seqs]
+                tables = batch.tables[seqs, : -(-lens.max() // bs)]
+                out[rows] = self._decode_attention(q[rows], k_pool, v_pool, tables, lens, bs, window)
+            else:
+                i = seqs[0]
+                S = batch.kv_lens[i]
+                slots = (batch.tables[i, :, None] * bs + np.arange(bs)).ravel()[:S]
+                seq = slice(starts[i], starts[i + 1])
+                out[seq] = self.attention(q[seq], k_pool[slots], v_pool[slots], np.arange(S - batch.q_lens[i], S), window)
+
+        self._each(run, tasks)
         return out
 
     def _decode_attention(self, q, k_pool, v_pool, tables, kv_lens, bs, window):

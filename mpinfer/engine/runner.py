@@ -86,15 +86,27 @@ def _prepare(job, ranks_per_node, skip_invalid, overwrite, comm):
     cfg = ckpt.config
     tokenizer = load_tokenizer(job.model_path, ckpt)
     requests = read_prompts(job.input_path, tokenizer, job.sampling, cfg.max_position, cfg.vocab_size, skip_invalid)
+    _check_kv_capacity(job, cfg, requests)
     fingerprint = {"model": _model_identity(job.model_path, cfg), "prompts": _sha256(job.input_path),
                    "sampling": dataclasses.asdict(job.sampling)}
     layout = {"world": comm.size, "dp": comm.size, "tp": 1, "pp": 1, "ep": 1, "cp": 1,
-              "ranks_per_node": ranks_per_node}
+              "ranks_per_node": ranks_per_node, "blas_threads_per_rank": int(os.environ.get("OPENBLAS_NUM_THREADS", 0))}
     attrs = {"mpinfer_version": __version__, "job": job.toml(), "layout": json.dumps(layout), "model": cfg.to_json()}
     results = ResultsFile(job.output_path, fingerprint, attrs, overwrite)
     todo = [r for r in requests if r.index not in results.done]
     return dict(ckpt=ckpt, tokenizer=tokenizer, results=results, total=len(requests),
                 pending=[r for r in todo if r.error is None], invalid=[r for r in todo if r.error is not None])
+
+
+def _check_kv_capacity(job, cfg, requests):
+    """Refuse, before any compute, a request that could never fit the replica's KV cache."""
+    e = job.engine
+    capacity = PagedKVCache.blocks_for_bytes(cfg, e.kv_cache_gb * 2**30, e.block_size) * e.block_size
+    for r in requests:
+        need = min(len(r.prompt_ids) + r.sampling.max_new_tokens, cfg.max_position)
+        if r.error is None and need > capacity:
+            raise UserError(f"{job.path}: engine.kv_cache_gb = {e.kv_cache_gb} holds {capacity} tokens per replica, "
+                            f"but request {r.id!r} (line {r.index + 1}) may need {need}; raise engine.kv_cache_gb")
 
 
 def _lead(job, setup, scheduler, comm, t0):
