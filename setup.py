@@ -15,6 +15,7 @@ setup(
         "jinja2>=3.1.6",
         "h5py>=3.10",
         "mpi4py>=4.0",
+        "tqdm>=4.66",  # the progress bar on a terminal
     ],
     extras_require={
         # mpi4py needs an MPI library: on a cluster the site MPI (mpi4py built against it),
