@@ -45,17 +45,13 @@ def run(job_file, overrides, skip_invalid, overwrite):
     from mpi4py import MPI
 
     node = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
-    _share_cores(node.size)  # before numpy loads its BLAS
+    _share_cores(node)  # before numpy loads its BLAS
     from .engine.runner import run_job
-    from .job import load_job
 
     try:
-        job = load_job(job_file, overrides)
-        code = run_job(job, node.size, skip_invalid, overwrite)  # raises UserError on rank 0 only
+        code = run_job(job_file, overrides, node.size, skip_invalid, overwrite)
     except UserError:
-        if MPI.COMM_WORLD.rank == 0:
-            raise
-        sys.exit(EXIT_BAD_INPUT)  # every rank read the same job file; rank 0 reports it
+        raise  # rank 0 only: the others return EXIT_BAD_INPUT
     except Exception:
         if MPI.COMM_WORLD.size == 1:
             raise
@@ -68,9 +64,17 @@ def run(job_file, overrides, skip_invalid, overwrite):
     sys.exit(code)
 
 
-def _share_cores(ranks_on_node):
-    """Give each rank's BLAS an equal share of the node's cores, unless the user chose."""
-    threads = str(max(1, len(os.sched_getaffinity(0)) // ranks_on_node))
+def _share_cores(node):
+    """Give each rank's BLAS its share of the cores, unless the user chose: when the ranks of
+    the node may all run on the same cores (no binding), an equal part of them; when the
+    launcher bound each rank to its own cores (srun -c, mpiexec --bind-to), all of those."""
+    mine = os.sched_getaffinity(0)
+    width = (os.cpu_count() + 7) // 8  # the node's CPUs: the same on all its ranks
+    mask = sum(1 << cpu for cpu in mine).to_bytes(width, "little")
+    masks = bytearray(width * node.size)
+    node.Allgather(mask, masks)
+    same = all(masks[i * width : (i + 1) * width] == mask for i in range(node.size))
+    threads = str(max(1, len(mine) // node.size) if same else len(mine))
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, threads)
 

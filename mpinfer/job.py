@@ -12,7 +12,7 @@ import json
 import os
 import tomllib
 
-from .engine.sampling import SamplingParams, checked, show
+from .params import SamplingParams, checked, show
 from .errors import UserError, one_line
 
 BACKENDS = ("auto", "numpy", "cuda")

@@ -24,9 +24,8 @@ class SequenceCache:
 
 
 class PagedKVCache:
-    def __init__(self, num_layers, kv_heads, head_dim, num_blocks, block_size=16, growable=False):
+    def __init__(self, num_layers, kv_heads, head_dim, num_blocks, block_size=16):
         self.block_size = block_size
-        self.growable = growable  # double the pool instead of refusing (single-sequence use)
         self.k = [np.zeros((num_blocks * block_size, kv_heads, head_dim), np.float32) for _ in range(num_layers)]
         self.v = [np.zeros_like(k) for k in self.k]
         self.free = list(range(num_blocks - 1, -1, -1))  # a stack: lowest ids handed out first
@@ -58,25 +57,13 @@ class PagedKVCache:
         """Make room for `tokens` tokens in all; False (and nothing taken) when the pool is short."""
         need = self.blocks_needed(seq, tokens)
         if need > len(self.free):
-            if not self.growable:
-                return False
-            self._grow(need)
+            return False
         seq.blocks.extend(self.free.pop() for _ in range(need))
         return True
 
     def release(self, seq):
         self.free.extend(reversed(seq.blocks))
         seq.blocks, seq.length = [], 0
-
-    def _grow(self, need):
-        old = self.num_blocks
-        new = max(2 * old, old + need)
-        for pools in (self.k, self.v):
-            for i, p in enumerate(pools):
-                grown = np.zeros((new * self.block_size, *p.shape[1:]), np.float32)
-                grown[: p.shape[0]] = p
-                pools[i] = grown
-        self.free = list(range(new - 1, old - 1, -1)) + self.free
 
     def batch(self, seqs, counts):
         """Where a forward pass over seqs (counts[i] new tokens each) reads and writes."""

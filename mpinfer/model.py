@@ -2,14 +2,14 @@
 ModelConfig (biases, q/k norm, sliding windows, RoPE scaling, tied embeddings).
 
     model = Decoder.load("model.gguf")              # or a Hugging Face folder
-    seq = model.new_cache()                         # a sequence in a growable paged KV pool
+    pool = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_blocks=64)
+    seq = pool.sequence()
     logits = model.forward(ids, [seq], [len(ids)])  # prefill: (1, V) for the last token
     logits = model.forward([next_id], [seq], [1])   # decode step
 
 A forward pass takes the new tokens of several sequences at once, concatenated, so prefill
 chunks and decode steps of different requests share every matmul; only attention looks at
-each sequence's own cache. The batch engine gives the sequences a fixed-size pool
-(kvcache.PagedKVCache); new_cache() is for one-off use.
+each sequence's own cache (engine/scheduler.py drives it).
 """
 
 import os
@@ -19,7 +19,6 @@ import numpy as np
 
 from . import rope
 from .backend import get_backend
-from .kvcache import PagedKVCache
 from .layers import MLP, Attention, RMSNorm
 from .weights import open_checkpoint
 
@@ -53,18 +52,10 @@ class Decoder:
             self.lm_head = be.weight(ckpt.get("lm_head.weight", (cfg.vocab_size, cfg.hidden_size)))
         divisors = ckpt.get("rope_freqs", (cfg.head_dim // 2,)) if cfg.rope.type == "gguf_freqs" else None
         self.inv_freq = rope.inv_freq(cfg.rope, cfg.head_dim, divisors)
-        self._spare_pool = None  # new_cache()'s pool, made on first use
 
     @classmethod
     def load(cls, path, backend="numpy"):
         return cls(open_checkpoint(path), get_backend(backend))
-
-    def new_cache(self):
-        """An empty sequence in a small growable KV pool shared by every new_cache() call."""
-        if self._spare_pool is None:
-            cfg = self.config
-            self._spare_pool = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_blocks=8, growable=True)
-        return self._spare_pool.sequence()
 
     def forward(self, ids, seqs, counts, all_logits=False):
         """ids: the new tokens of len(seqs) sequences, concatenated (sum(counts),); seqs:
@@ -82,16 +73,3 @@ class Decoder:
         if not all_logits:
             x = x[np.cumsum(counts) - 1]
         return self.be.to_numpy(self.be.linear(self.norm(x), self.lm_head))
-
-    def generate_greedy(self, prompt_ids, max_new_tokens, stop_ids=()):
-        """Greedy completion of one prompt: the new token ids, stopping after a stop id."""
-        cache = self.new_cache()
-        logits = self.forward(prompt_ids, [cache], [len(prompt_ids)])
-        out = []
-        while len(out) < max_new_tokens:
-            out.append(int(np.argmax(logits[0])))
-            if out[-1] in stop_ids:
-                break
-            logits = self.forward([out[-1]], [cache], [1])
-        cache.pool.release(cache)
-        return out

@@ -36,6 +36,10 @@ class Tokenizer:
         """Token ids of plain text, with the special tokens the tokenizer adds (e.g. BOS)."""
         return self.backend.encode(text).ids
 
+    def encode_batch(self, texts):
+        """encode() of many texts at once (the tokenizers library spreads them over cores)."""
+        return [e.ids for e in self.backend.encode_batch(texts)]
+
     def decode(self, ids, skip_special_tokens=True):
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

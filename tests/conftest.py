@@ -116,6 +116,28 @@ def hf_greedy(model, ids, n):
     return ids[-n:]
 
 
+def caches(model, n=1, tokens=1024):
+    """n empty sequences sharing a KV pool with room for `tokens` tokens in all."""
+    from mpinfer.kvcache import PagedKVCache
+
+    cfg = model.config
+    pool = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_blocks=-(-tokens // 16))
+    return [pool.sequence() for _ in range(n)]
+
+
+def greedy(model, ids, n, stop_ids=()):
+    """n greedy tokens from our model (fewer when a stop id comes), prefill then decode."""
+    [cache] = caches(model, tokens=len(ids) + n)
+    logits = model.forward(ids, [cache], [len(ids)])
+    out = []
+    while len(out) < n:
+        out.append(int(np.argmax(logits[0])))
+        if out[-1] in stop_ids:
+            break
+        logits = model.forward([out[-1]], [cache], [1])
+    return out
+
+
 def rel_err(ours, ref):
     """max |ours - ref| / max |ref|: logits compared on the scale of the reference."""
     return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))

@@ -7,7 +7,7 @@ import os
 import gguf
 import numpy as np
 import pytest
-from conftest import hf_greedy, hf_logits, rel_err
+from conftest import caches, greedy, hf_greedy, hf_logits, rel_err
 from gguf_writer import write_gguf
 
 from mpinfer.backend import get_backend
@@ -19,7 +19,7 @@ IDS = list(range(7, 300, 13))
 
 
 def logits(model, ids):
-    return model.forward(ids, [model.new_cache()], [len(ids)], all_logits=True)
+    return model.forward(ids, caches(model), [len(ids)], all_logits=True)
 
 
 @pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
@@ -34,7 +34,7 @@ def test_quantized_gguf_matches_transformers(qtype, tiny_model, tmp_path):
     err = rel_err(logits(ours, IDS), hf_logits(ref, IDS))
     print(f"{qtype}: max rel err {err:.2e}")
     assert err <= 1e-4
-    assert ours.generate_greedy(IDS, 32) == hf_greedy(ref, IDS, 32)
+    assert greedy(ours, IDS, 32) == hf_greedy(ref, IDS, 32)
 
 
 def test_llama3_rope_freqs_gguf_matches_transformers_safetensors(tiny_model, tmp_path):
@@ -63,7 +63,7 @@ def test_smollm2_answers_like_transformers(smollm2, hf_smollm2):
     err = rel_err(logits(model, ids), hf_logits(ref, ids))
     print(f"SmolLM2 chat prompt: max rel err {err:.2e}")
     assert err <= 1e-4
-    answer = model.generate_greedy(ids, 16, stop_ids=(2,))
+    answer = greedy(model, ids, 16, stop_ids=(2,))
     assert answer == hf_greedy(ref, ids, len(answer))
     assert tok.decode(answer) == "The capital of France is Paris."
     assert answer[-1] == 2  # <|im_end|>

@@ -3,7 +3,7 @@ logits of prefill, chunked prefill and decode steps, and 32 greedy tokens."""
 
 import numpy as np
 import pytest
-from conftest import ARCHS, hf_greedy, hf_logits, rel_err
+from conftest import ARCHS, caches, greedy, hf_greedy, hf_logits, rel_err
 
 from mpinfer.model import Decoder
 
@@ -18,7 +18,7 @@ def hf_model(folder):
 
 def our_logits(model, ids, chunks):
     """Logits (T, V) of one sequence fed in chunks of the given sizes through one cache."""
-    cache, out, start = model.new_cache(), [], 0
+    (cache,), out, start = caches(model), [], 0
     for n in chunks:
         out.append(model.forward(ids[start : start + n], [cache], [n], all_logits=True))
         start += n
@@ -36,7 +36,7 @@ def test_logits_and_greedy_match_transformers(arch, tiny_model):
             err = rel_err(our_logits(ours, ids, chunks), expected)
             print(f"{arch} T={T} chunks={len(chunks)}: max rel err {err:.2e}")
             assert err <= 1e-4
-        assert ours.generate_greedy(ids, 32) == hf_greedy(ref, ids, 32)
+        assert greedy(ours, ids, 32) == hf_greedy(ref, ids, 32)
 
 
 def test_batched_sequences_match_one_at_a_time(tiny_model):
@@ -44,7 +44,7 @@ def test_batched_sequences_match_one_at_a_time(tiny_model):
     model = Decoder.load(tiny_model("qwen2"))
     a, b = PROMPTS[2], PROMPTS[1]
     alone_a, alone_b = our_logits(model, a, [len(a)]), our_logits(model, b, [len(b)])
-    ca, cb = model.new_cache(), model.new_cache()
+    ca, cb = caches(model, 2)
     model.forward(a[:30], [ca], [30])
     both = model.forward(a[30:] + b, [ca, cb], [len(a) - 30, len(b)], all_logits=True)
     assert rel_err(both[: len(a) - 30], alone_a[30:]) < 1e-5

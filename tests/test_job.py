@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from mpinfer.engine.sampling import SamplingParams
+from mpinfer.params import SamplingParams
 from mpinfer.errors import UserError
 from mpinfer.job import Engine, Parallel, load_job
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from mpinfer.engine.sampling import SamplingParams
+from mpinfer.params import SamplingParams
 from mpinfer.errors import UserError
 from mpinfer.io.prompts import read_prompts
 from mpinfer.tokenizer import load_tokenizer
@@ -124,7 +124,9 @@ def test_duplicate_ids(tmp_path, tokenizer):
     assert str(e.value) == (f"{path}: 3 invalid lines {HINT}: line 2: prompt: expected a string, got 5; "
                             "line 3: duplicate id '2' (first on line 2); line 4: duplicate id 'q1' (first on line 1)")
     requests = read(path, tokenizer, skip_invalid=True)
-    assert [(r.id, r.error is None) for r in requests] == [("q1", True), ("2", False), ("2", False), ("q1", False)]
+    # the results file keeps ids unique: a later line that repeats an id gets "@line N"
+    assert [(r.id, r.error is None) for r in requests] == [("q1", True), ("2", False), ("2@line3", False),
+                                                           ("q1@line4", False)]
 
 
 def test_combined_message_lists_first_five(tmp_path, tokenizer):

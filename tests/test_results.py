@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mpinfer.errors import UserError
-from mpinfer.io.results import COLUMNS, ResultsFile, read_rows, summary
+from mpinfer.io.results import COLUMNS, ResultsFile, lock, read_rows, summary
 
 FP = {"model": "m-sha256", "prompts": "p-sha256", "sampling": {"temperature": 0.0, "max_new_tokens": 8}}
 ATTRS = {"mpinfer_version": "0.1.0", "job": "[model]\npath = 'm.gguf'\n",
@@ -232,3 +232,17 @@ def test_survives_kill_at_any_moment(tmp_path):
         assert_rows(path, range(rows))
     assert rows > 10 * BATCH
     assert mid_flush >= 3, "too few kills landed inside a flush to test anything"
+
+
+def test_one_run_per_file(tmp_path):
+    path = str(tmp_path / "r.h5")
+    held = lock(path)
+    with pytest.raises(UserError, match="being written by another mpinfer run"):
+        lock(path)
+    os.close(held)
+    os.close(lock(path))
+
+
+def test_unwritable_folder_is_refused_up_front():
+    with pytest.raises(UserError, match="^/proc/r.h5: cannot write the results file here"):
+        ResultsFile("/proc/r.h5", FP, ATTRS)  # not even root may create files in /proc

@@ -4,8 +4,8 @@ transformers' logits warpers, and inverse-CDF frequencies against the distributi
 import numpy as np
 import pytest
 
-from mpinfer.engine.sampling import (SamplingParams, filtered_probs, logprobs, logsumexp, philox4x32, request_key, sample,
-                                     top_ids, uniform)
+from mpinfer.engine.sampling import filtered_probs, logprobs, logsumexp, philox4x32, request_key, sample, top_ids, uniform
+from mpinfer.params import SamplingParams
 
 
 @pytest.mark.parametrize("counter,key,expected", [

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import hf_logits
 
-from mpinfer.engine.sampling import SamplingParams
+from mpinfer.params import SamplingParams
 from mpinfer.engine.scheduler import Scheduler
 from mpinfer.io.prompts import Request
 from mpinfer.kvcache import PagedKVCache

@@ -2,15 +2,18 @@
 
 Rank 0 runs a service thread next to its own replica. It answers every replica's ask for
 work within milliseconds, whatever rank 0's own replica is computing, so no replica waits
-for another; it also receives finished requests and hands them to the results writer.
-Replicas ask before their queue runs dry, so a reply is there when they need it. Each
-grant is at most 1/(2R) of what is left (guided self-scheduling): large early, one request
-at the end, so replicas finish together even when prompts differ wildly in length.
+for another; it also receives finished requests and hands them on (to the results writer,
+which runs on a thread of its own, so a slow flush never delays an answer). Replicas ask
+before their queue runs dry, so a reply is there when they need it. Each grant is at most
+1/(2R) of what is left (guided self-scheduling): large early, one request at the end, so
+replicas finish together even when prompts differ wildly in length.
 
 Messages are JSON (never pickle): ask {"n", "generated"} -> work {"requests": [...]}, an
-empty list meaning the queue is drained; done {"records", "generated"}; bye {"generated"}.
+empty list meaning the queue is drained; done {"records", "generated"}; bye {"generated",
+"stopped"}; stop (rank 0 was told to stop: finish nothing more, say bye); final {"code"}.
 While a replica waits, it polls with short sleeps instead of a blocking MPI call, because
-MPICH's blocking calls spin and would steal a core from the ranks that compute.
+MPICH's blocking calls spin and would steal a core from the ranks that compute. On rank 0
+only the service thread calls MPI while the job runs (MPI_THREAD_SERIALIZED is enough).
 """
 
 import collections
@@ -23,9 +26,9 @@ import numpy as np
 from mpi4py import MPI
 
 from ..io.prompts import Request
-from .sampling import SamplingParams
+from ..params import SamplingParams
 
-ASK, WORK, DONE, BYE, FINAL = range(1, 6)
+ASK, WORK, DONE, BYE, STOP, FINAL = range(1, 7)
 POLL_S = 0.002
 
 
@@ -87,33 +90,46 @@ def plain(record):
 class Dispatcher:
     """Rank 0's queue, service thread and collection point.
 
-    on_records(records) and tick() run on the service thread only, so the results writer
-    and the progress display need no locks of their own."""
+    on_records(records) and tick() run on the service thread only. stop: a threading.Event
+    set by a signal on rank 0; the dispatcher then grants nothing more and tells every
+    replica to stop."""
 
-    def __init__(self, comm, pending, on_records, tick):
-        self.comm, self.on_records, self.tick = comm, on_records, tick
+    def __init__(self, comm, pending, on_records, tick, stop):
+        self.comm, self.on_records, self.tick, self.stop = comm, on_records, tick, stop
         self.pending = collections.deque(pending)
         self.replicas = comm.size
         self.generated = [0] * comm.size  # tokens sampled per replica, for progress
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # pending, inbox, generated[0], bye, stopped
         self.inbox = []  # rank 0's own finished records
         self.bye = 0
-        self.sends = []  # work replies in flight: a replica receives between its engine steps
+        self.stopped = False  # some replica stopped before the queue was drained
+        self.sends = []  # messages in flight: a replica receives between its engine steps
         self.thread = threading.Thread(target=self._serve, name="mpinfer-dispatch", daemon=True)
         self.error = None
 
     def grant(self, n):
         with self.lock:
+            if self.stop.is_set():
+                return []
             k = min(n, max(1, -(-len(self.pending) // (2 * self.replicas))))
             return [self.pending.popleft() for _ in range(min(k, len(self.pending)))]
 
+    def said_bye(self, stopped):
+        with self.lock:
+            self.bye += 1
+            self.stopped |= stopped
+
     def _serve(self):
         try:
+            told_to_stop = False
             while self.bye < self.replicas:
+                if self.stop.is_set() and not told_to_stop:
+                    self.sends += [isend(self.comm, {}, r, STOP) for r in range(1, self.comm.size)]
+                    told_to_stop = True
+                self._drain_inbox()
+                self.tick()
                 msg = poll(self.comm)
                 if msg is None:
-                    self._drain_inbox()
-                    self.tick()
                     time.sleep(POLL_S)
                     continue
                 source, tag, obj = msg
@@ -125,11 +141,11 @@ class Dispatcher:
                 elif tag == DONE:
                     self.on_records(obj["records"])
                 elif tag == BYE:
-                    self.bye += 1
+                    self.said_bye(obj["stopped"])
             self._drain_inbox()
             for request, _ in self.sends:
                 wait(request)
-        except BaseException as e:  # reported by the main thread, which then aborts the job
+        except BaseException as e:  # the main thread sees it and aborts the job
             self.error = e
 
     def _drain_inbox(self):
@@ -146,9 +162,11 @@ class LocalQueue:
         self.d = dispatcher
         self.drained = False
 
+    def check(self, stop):
+        if self.d.error is not None:  # the service thread died: end the job
+            raise RuntimeError("the dispatch thread failed") from self.d.error
+
     def take(self, n, block=False):
-        if self.d.error is not None:  # the service thread died: stop this replica too
-            raise self.d.error
         got = self.d.grant(n)
         self.drained = not got
         return got
@@ -158,10 +176,10 @@ class LocalQueue:
             self.d.inbox.extend(plain(r) for r in records)
             self.d.generated[0] = generated
 
-    def close(self, generated):
+    def close(self, generated, stopped):
         with self.d.lock:
             self.d.generated[0] = generated
-            self.d.bye += 1
+        self.d.said_bye(stopped)
 
 
 class RemoteQueue:
@@ -172,6 +190,12 @@ class RemoteQueue:
         self.asked = False
         self.drained = False
         self.generated = 0
+
+    def check(self, stop):
+        """Sets stop when rank 0 says so."""
+        if self.comm.Iprobe(0, STOP):
+            poll(self.comm, 0, STOP)
+            stop.set()
 
     def take(self, n, block=False):
         """Requests granted to us, if the answer to our ask is there (or, with block, once it
@@ -191,5 +215,7 @@ class RemoteQueue:
         self.generated = generated
         send(self.comm, {"records": [plain(r) for r in records], "generated": generated}, 0, DONE)
 
-    def close(self, generated):
-        send(self.comm, {"generated": generated}, 0, BYE)
+    def close(self, generated, stopped):
+        if self.asked:  # rank 0 answers every ask; its answer must not be left unreceived
+            poll(self.comm, 0, WORK, block=True)
+        send(self.comm, {"generated": generated, "stopped": stopped}, 0, BYE)

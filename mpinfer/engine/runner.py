@@ -15,72 +15,81 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
 
-import numpy as np
 from mpi4py import MPI
 
 from .. import __version__
 from ..backend import get_backend
 from ..errors import EXIT_BAD_INPUT, EXIT_OK, UserError
 from ..io.prompts import read_prompts
-from ..io.results import ResultsFile, read_rows
+from ..io.results import ResultsFile, lock
+from ..job import load_job
 from ..kvcache import PagedKVCache
 from ..model import Decoder
 from ..tokenizer import load_tokenizer
 from ..weights import open_checkpoint
 from . import dispatch
-from .progress import Progress
+from .lead import lead
 from .scheduler import Scheduler
 
 
-def run_job(job, ranks_per_node, skip_invalid=False, overwrite=False, comm=MPI.COMM_WORLD):
-    """Run the job; returns the exit code. Every rank calls it."""
+def run_job(job_file, overrides, ranks_per_node, skip_invalid=False, overwrite=False, comm=MPI.COMM_WORLD):
+    """Run the job; returns the exit code, the same on every rank. Every rank calls it.
+    Bad input raises UserError on rank 0 only (the CLI prints it once); the other ranks
+    return EXIT_BAD_INPUT. SIGTERM, SIGUSR1 or SIGINT stop the job early but resumably."""
     t0 = time.perf_counter()
-    setup, problem = None, None
-    if comm.rank == 0:
-        try:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    job, setup, problem = None, None, None
+    try:
+        job = load_job(job_file, overrides)  # on every rank: a path may exist on one node only
+        if comm.rank == 0:
             setup = _prepare(job, ranks_per_node, skip_invalid, overwrite, comm)
-        except UserError as e:
-            problem = str(e)
+    except UserError as e:
+        problem = str(e)
     if _any_problem(comm, problem):
         return EXIT_BAD_INPUT
-    nothing_to_do = dispatch.allgather(comm, setup is not None and setup["results"].complete)[0]
-    if nothing_to_do:
+    if dispatch.allgather(comm, setup is not None and setup["results"].complete)[0]:
         if comm.rank == 0:
             print(f"mpinfer: {job.output_path} is already complete; nothing to run", flush=True)
         return EXIT_OK
-
     try:
         ckpt = setup["ckpt"] if comm.rank == 0 else open_checkpoint(job.model_path)
         tokenizer = setup["tokenizer"] if comm.rank == 0 else load_tokenizer(job.model_path, ckpt)
         model = Decoder(ckpt, get_backend(job.engine.backend))
     except UserError as e:  # e.g. a weight file truncated after its header
-        problem = str(e) if comm.rank == 0 else f"rank {comm.rank}: {e}"
+        problem = str(e)
     if _any_problem(comm, problem):
         return EXIT_BAD_INPUT
     pool = PagedKVCache.for_bytes(model.config, job.engine.kv_cache_gb * 2**30, job.engine.block_size)
     scheduler = Scheduler(model, tokenizer, pool, job.engine.max_batch_tokens, job.engine.max_seqs)
-    if comm.rank != 0:
-        _replica(scheduler, dispatch.RemoteQueue(comm), job.engine.max_seqs)
-        dispatch.poll(comm, 0, dispatch.FINAL, block=True)
-        return EXIT_OK
-    return _lead(job, setup, scheduler, comm, t0)
+    try:
+        if comm.rank == 0:
+            return lead(job, setup, scheduler, comm, stop, t0, _replica)
+        _replica(scheduler, dispatch.RemoteQueue(comm), stop)
+        return dispatch.poll(comm, 0, dispatch.FINAL, block=True)[2]["code"]
+    except UserError as e:  # after the start every failure ends the whole job (the CLI aborts)
+        raise RuntimeError(str(e)) from None
 
 
 def _any_problem(comm, problem):
-    """Collective: True when some rank met bad input. Rank 0 raises the first problem (the
-    CLI prints it once); the other ranks just report True."""
-    problems = [p for p in dispatch.allgather(comm, problem) if p is not None]
+    """Collective: True when some rank met bad input. Rank 0 raises the first problem, with
+    the rank that met it when that is not rank 0; the other ranks just report True."""
+    problems = [(rank, p) for rank, p in enumerate(dispatch.allgather(comm, problem)) if p is not None]
     if problems and comm.rank == 0:
-        raise UserError(problems[0])
+        rank, p = problems[0]
+        raise UserError(p if rank == 0 else f"rank {rank}: {p}")
     return bool(problems)
 
 
 def _prepare(job, ranks_per_node, skip_invalid, overwrite, comm):
     for key, value in dataclasses.asdict(job.parallel).items():
         if value != 1:  # data parallel only, until the model is split over ranks
-            raise UserError(f"{job.path}: parallel.{key} = {value}: only data parallelism (tp = pp = ep = cp = 1) "
+            raise UserError(f"parallel.{key} = {value}: only data parallelism (tp = pp = ep = cp = 1) "
                             "is available in this version")
     ckpt = open_checkpoint(job.model_path)
     cfg = ckpt.config
@@ -90,8 +99,9 @@ def _prepare(job, ranks_per_node, skip_invalid, overwrite, comm):
     fingerprint = {"model": _model_identity(job.model_path, cfg), "prompts": _sha256(job.input_path),
                    "sampling": dataclasses.asdict(job.sampling)}
     layout = {"world": comm.size, "dp": comm.size, "tp": 1, "pp": 1, "ep": 1, "cp": 1,
-              "ranks_per_node": ranks_per_node, "blas_threads_per_rank": int(os.environ.get("OPENBLAS_NUM_THREADS", 0))}
+              "ranks_per_node": ranks_per_node, "blas_threads_per_rank": int(os.environ["OPENBLAS_NUM_THREADS"])}
     attrs = {"mpinfer_version": __version__, "job": job.toml(), "layout": json.dumps(layout), "model": cfg.to_json()}
+    lock(job.output_path)  # released when this process ends
     results = ResultsFile(job.output_path, fingerprint, attrs, overwrite)
     todo = [r for r in requests if r.index not in results.done]
     return dict(ckpt=ckpt, tokenizer=tokenizer, results=results, total=len(requests),
@@ -109,50 +119,14 @@ def _check_kv_capacity(job, cfg, requests):
                             f"but request {r.id!r} (line {r.index + 1}) may need {need}; raise engine.kv_cache_gb")
 
 
-def _lead(job, setup, scheduler, comm, t0):
-    """Rank 0: its own replica on the main thread, the queue and the writer on a service thread."""
-    results = setup["results"]
-    progress = Progress(setup["total"], len(results.done))
-    state = {"done": len(results.done), "last_flush": time.perf_counter()}
-
-    def on_records(records):
-        results.add(records)
-        state["done"] += len(records)
-
-    def tick():
-        now = time.perf_counter()
-        progress.update(state["done"], sum(dispatcher.generated))
-        if now - state["last_flush"] >= max(job.engine.flush_seconds, 10 * results.last_flush_s):
-            results.flush(now - t0)
-            state["last_flush"] = time.perf_counter()
-
-    dispatcher = dispatch.Dispatcher(comm, setup["pending"], on_records, tick)
-    on_records([_error_record(r) for r in setup["invalid"]])
-    startup = time.perf_counter() - t0  # validation and model load, before the first step
-    dispatcher.thread.start()
-    _replica(scheduler, dispatch.LocalQueue(dispatcher), job.engine.max_seqs)
-    dispatcher.thread.join()
-    if dispatcher.error is not None:
-        raise dispatcher.error
-    progress.update(state["done"], sum(dispatcher.generated))
-    progress.close()
-    results.flush(time.perf_counter() - t0)
-    wall = results.wall_s_before + time.perf_counter() - t0
-    metrics = {**_metrics(read_rows(job.output_path), wall), "startup_s": startup}
-    results.finish(time.perf_counter() - t0, metrics)
-    requests = [dispatch.isend(comm, {}, r, dispatch.FINAL) for r in range(1, comm.size)]
-    for request, _ in requests:
-        dispatch.wait(request)
-    print(f"mpinfer: wrote {job.output_path}: {state['done']} requests, {metrics['generated_tokens']} tokens, "
-          f"{metrics['throughput_tok_s']:.1f} tok/s", flush=True)
-    return EXIT_OK
-
-
-def _replica(scheduler, queue, max_seqs):
+def _replica(scheduler, queue, stop):
     """One replica's loop: keep a few requests queued beyond the running ones, step until
-    the queue is drained and everything taken is finished."""
+    the queue is drained and everything taken is finished, or until told to stop (then the
+    unfinished requests are left for the next run)."""
+    max_seqs = scheduler.max_seqs
     low_water = max(4, max_seqs // 8)
-    while True:
+    while not stop.is_set():
+        queue.check(stop)
         room = max_seqs - len(scheduler.running) - len(scheduler.waiting)
         if not queue.drained and len(scheduler.waiting) < low_water and room > 0:
             scheduler.add(queue.take(room, block=scheduler.idle))
@@ -163,29 +137,7 @@ def _replica(scheduler, queue, max_seqs):
         finished = scheduler.step()
         if finished:
             queue.put(finished, scheduler.generated)
-    queue.close(scheduler.generated)
-
-
-def _error_record(r):
-    return dict(id=r.id, index=r.index, prompt_ids=np.zeros(0, np.int32), output_ids=[], output_text="", logprobs=[],
-                top_logprob_ids=[], top_logprobs=[], finish_reason="error", error=r.error, ttft_s=0.0, latency_s=0.0)
-
-
-def _metrics(rows, wall_s):
-    """Run metrics over every finished request in the file (earlier runs included)."""
-    ok = [i for i, reason in enumerate(rows["finish_reason"]) if reason != "error"]
-    n_out = np.array([len(rows["output_ids"][i]) for i in ok], dtype=np.int64)
-    ttft = np.array([rows["ttft_s"][i] for i in ok])
-    latency = np.array([rows["latency_s"][i] for i in ok])
-    multi = n_out > 1
-    tpot = (latency[multi] - ttft[multi]) / (n_out[multi] - 1)
-    m = {"requests": len(ok), "generated_tokens": int(n_out.sum()),
-         "prompt_tokens": int(sum(len(rows["prompt_ids"][i]) for i in ok)),
-         "throughput_tok_s": float(n_out.sum() / wall_s) if wall_s > 0 else 0.0}
-    for name, values in (("ttft", ttft), ("tpot", tpot)):
-        for q in (50, 90, 99):
-            m[f"{name}_p{q}_s"] = float(np.percentile(values, q)) if len(values) else 0.0
-    return m
+    queue.close(scheduler.generated, stop.is_set())
 
 
 def _model_identity(path, cfg):

@@ -40,9 +40,9 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(self, model, tokenizer, pool, max_batch_tokens, max_seqs, clock=time.perf_counter):
+    def __init__(self, model, tokenizer, pool, max_batch_tokens, max_seqs):
         self.model, self.tokenizer, self.pool = model, tokenizer, pool
-        self.max_batch_tokens, self.max_seqs, self.clock = max_batch_tokens, max_seqs, clock
+        self.max_batch_tokens, self.max_seqs = max_batch_tokens, max_seqs
         self.context = model.config.max_position
         self.eos = frozenset(model.config.eos_token_ids)
         self.waiting = collections.deque()  # Sequence, oldest first
@@ -50,7 +50,7 @@ class Scheduler:
         self.generated = 0  # tokens sampled so far (progress and throughput)
 
     def add(self, requests):
-        now = self.clock()
+        now = time.perf_counter()
         self.waiting.extend(Sequence(r, self.pool.sequence(), now) for r in requests)
 
     @property
@@ -70,7 +70,7 @@ class Scheduler:
         logits = self.model.forward(ids, [seq.cache for seq, _ in scheduled], [n for _, n in scheduled])  # (B, V)
         done = [(seq, row) for row, (seq, _) in enumerate(scheduled) if seq.todo == 0]
         finished = []
-        now = self.clock()
+        now = time.perf_counter()
         lse = sampling.logsumexp(logits[[row for _, row in done]]) if done else []
         for (seq, row), row_lse in zip(done, lse):
             self._sample(seq, logits[row], row_lse, now)

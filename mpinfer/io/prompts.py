@@ -16,7 +16,7 @@ import json
 
 import numpy as np
 
-from ..engine.sampling import SamplingParams, show
+from ..params import SamplingParams, show
 from ..errors import UserError
 
 FORMS = ("prompt", "messages", "input_ids")
@@ -65,10 +65,12 @@ def read_prompts(path, tokenizer, defaults, max_context, vocab_size, skip_invali
                 request.prompt_ids = ids
         except _Invalid as e:
             request.error = str(e)
+            if first_line.setdefault(request.id, index) != index:  # keep ids unique in the results
+                request.id = f"{request.id}@line{index + 1}"
     for start in range(0, len(texts), _BATCH):
         batch = texts[start : start + _BATCH]
-        for (request, _), encoding in zip(batch, tokenizer.backend.encode_batch([t for _, t in batch])):
-            request.prompt_ids = np.array(encoding.ids, np.int32)
+        for (request, _), ids in zip(batch, tokenizer.encode_batch([t for _, t in batch])):
+            request.prompt_ids = np.array(ids, np.int32)
     for request in requests:
         n = len(request.prompt_ids)
         if request.error is None and n == 0:

@@ -15,6 +15,7 @@ run metrics after finish()) and group `/requests`, one row per finished request,
 dataset of the same length, resizable, chunked by CHUNK rows.
 """
 
+import fcntl
 import json
 import os
 import shutil
@@ -44,8 +45,8 @@ COLUMNS = {
     "top_logprobs": (h5py.vlen_dtype(np.float32), "log-probabilities of top_logprob_ids, same shape"),
     "finish_reason": (STR, "stop | length | error"),
     "error": (STR, "why the request failed when finish_reason is error, else empty"),
-    "ttft_s": (np.dtype(np.float64), "seconds from the request's start to its first generated token"),
-    "latency_s": (np.dtype(np.float64), "seconds from the request's start to its last generated token"),
+    "ttft_s": (np.dtype(np.float64), "seconds from the request's arrival at its replica to its first generated token"),
+    "latency_s": (np.dtype(np.float64), "seconds from the request's arrival at its replica to its last generated token"),
 }
 # Root attributes that are not run metrics (summary() reports every other one as a metric).
 NOT_METRICS = {"mpinfer_version", "job", "layout", "model", "fingerprint", "complete", "wall_s"}
@@ -77,8 +78,12 @@ class ResultsFile:
         self.done, self.complete, self.rows_written, self.wall_s_before = set(), False, 0, 0.0
         self.last_flush_s = 0.0
         self._records, self._added = [], set()  # buffered until the next flush
-        if os.path.exists(self.tmp):  # left by a run killed in the middle of a flush
+        try:  # fails here, before any compute, when the folder is not writable
+            with open(self.tmp, "wb"):  # also truncates a tmp left by a run killed mid-flush
+                pass
             os.remove(self.tmp)
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot write the results file here ({e.strerror})") from None
         self._on_disk = os.path.exists(self.path) and not overwrite  # flushes extend `path`
         if not self._on_disk:
             return
@@ -162,6 +167,22 @@ class ResultsFile:
         finally:
             os.close(fd)
         self._on_disk = True
+
+
+def lock(path):
+    """An exclusive lock on path + ".lock", held until the returned descriptor is closed (or
+    the process ends), so that two runs of one job (a requeue that overlaps the original, a
+    double submission) cannot overwrite each other's flushes. Take it before ResultsFile()."""
+    try:
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write the results file here ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"{path} is being written by another mpinfer run (it holds {path}.lock)") from None
+    return fd
 
 
 def _open(path, hint=""):

@@ -28,7 +28,7 @@ import torch  # noqa: E402  (after the BLAS thread count is set)
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from mpinfer.backend import get_backend  # noqa: E402
-from mpinfer.engine.sampling import SamplingParams  # noqa: E402
+from mpinfer.params import SamplingParams  # noqa: E402
 from mpinfer.engine.scheduler import Scheduler  # noqa: E402
 from mpinfer.fetch import fetch_smollm2  # noqa: E402
 from mpinfer.io.prompts import Request  # noqa: E402

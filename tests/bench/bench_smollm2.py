@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mpinfer.fetch import fetch_smollm2
+from mpinfer.kvcache import PagedKVCache
 from mpinfer.model import Decoder
 
 PROMPT = 512  # prefill tokens
@@ -42,8 +43,11 @@ def main():
     ours = Decoder.load(path)
     ref = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
 
+    cfg = ours.config
+    pool = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_blocks=(PROMPT + DECODE) // 16 + 1)
+
     def ours_run():
-        cache = ours.new_cache()
+        pool.release(cache := pool.sequence())
         ours.forward(ids, [cache], [len(ids)])
         return cache
 

@@ -1,0 +1,119 @@
+"""Rank 0 during a job: its own replica on the main thread, the request queue on the
+dispatch thread (dispatch.py), the results file on a writer thread, and the end of the job:
+final flush, metrics, `complete`, and the exit code every rank returns."""
+
+import os
+import queue
+import threading
+import time
+
+import numpy as np
+
+from ..errors import EXIT_OK, EXIT_RESUMABLE
+from ..io.results import read_rows
+from . import dispatch
+from .progress import Progress
+
+
+class Writer(threading.Thread):
+    """Adds finished requests to the results file and flushes at least every flush_seconds,
+    and no more often than 10x the last flush took (a flush copies the whole file)."""
+
+    def __init__(self, results, flush_seconds, t0):
+        super().__init__(name="mpinfer-writer", daemon=True)
+        self.results, self.flush_seconds, self.t0 = results, flush_seconds, t0
+        self.inbox = queue.Queue()
+        self.error = None
+
+    def run(self):
+        try:
+            last = time.perf_counter()
+            while (records := self.inbox.get()) is not None:
+                self.results.add(records)
+                while True:  # everything already waiting, then flush if due
+                    try:
+                        more = self.inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        return
+                    self.results.add(more)
+                now = time.perf_counter()
+                if now - last >= max(self.flush_seconds, 10 * self.results.last_flush_s):
+                    self.results.flush(now - self.t0)
+                    last = time.perf_counter()
+        except BaseException as e:  # the main thread sees it and aborts the job
+            self.error = e
+
+    def close(self):
+        self.inbox.put(None)
+        self.join()
+        if self.error is not None:
+            raise RuntimeError("the results writer failed") from self.error
+
+
+def lead(job, setup, scheduler, comm, stop, t0, replica):
+    """Rank 0's part of run_job; returns the exit code (sent to every rank)."""
+    results, total = setup["results"], setup["total"]
+    progress = Progress(total, len(results.done))
+    writer = Writer(results, job.engine.flush_seconds, t0)
+    done = [len(results.done)]  # requests in the file or on their way there
+
+    def on_records(records):  # dispatch thread
+        writer.inbox.put(records)
+        done[0] += len(records)
+
+    def tick():  # dispatch thread, every loop
+        progress.update(done[0], sum(dispatcher.generated))
+
+    dispatcher = dispatch.Dispatcher(comm, setup["pending"], on_records, tick, stop)
+    writer.start()
+    on_records([error_record(r) for r in setup["invalid"]])
+    startup = time.perf_counter() - t0  # validation and model load, before the first step
+    dispatcher.thread.start()
+    replica(scheduler, dispatch.LocalQueue(dispatcher), stop)
+    dispatcher.thread.join()
+    if dispatcher.error is not None:
+        raise RuntimeError("the dispatch thread failed") from dispatcher.error
+    writer.close()
+    progress.update(done[0], sum(dispatcher.generated))
+    progress.close()
+    results.flush(time.perf_counter() - t0)
+    if results.rows_written < total:  # stopped by a signal: what is finished is in the file
+        code = EXIT_RESUMABLE
+        print(f"mpinfer: stopped early; {results.rows_written} of {total} requests are in {job.output_path}; "
+              "run the same job again to continue", flush=True)
+    else:
+        elapsed = time.perf_counter() - t0  # wall_s and the throughput from the same clock reading
+        metrics = {**_metrics(read_rows(job.output_path), results.wall_s_before + elapsed), "startup_s": startup}
+        results.finish(elapsed, metrics)
+        os.remove(job.output_path + ".lock")  # still held: no other run can be waiting on it
+        code = EXIT_OK
+        print(f"mpinfer: wrote {job.output_path}: {total} requests, {metrics['generated_tokens']} tokens, "
+              f"{metrics['throughput_tok_s']:.1f} tok/s", flush=True)
+    for request, _ in [dispatch.isend(comm, {"code": code}, r, dispatch.FINAL) for r in range(1, comm.size)]:
+        dispatch.wait(request)
+    return code
+
+
+def error_record(r):
+    """The results row of an invalid prompt line (--skip-invalid)."""
+    return dict(id=r.id, index=r.index, prompt_ids=np.zeros(0, np.int32), output_ids=[], output_text="", logprobs=[],
+                top_logprob_ids=[], top_logprobs=[], finish_reason="error", error=r.error, ttft_s=0.0, latency_s=0.0)
+
+
+def _metrics(rows, wall_s):
+    """Run metrics over every finished request in the file (earlier runs included)."""
+    ok = [i for i, reason in enumerate(rows["finish_reason"]) if reason != "error"]
+    n_out = np.array([len(rows["output_ids"][i]) for i in ok], dtype=np.int64)
+    ttft = np.array([rows["ttft_s"][i] for i in ok])
+    latency = np.array([rows["latency_s"][i] for i in ok])
+    multi = n_out > 1
+    tpot = (latency[multi] - ttft[multi]) / (n_out[multi] - 1)
+    m = {"requests": len(ok), "generated_tokens": int(n_out.sum()),
+         "prompt_tokens": int(sum(len(rows["prompt_ids"][i]) for i in ok)),
+         "throughput_tok_s": float(n_out.sum() / wall_s) if wall_s > 0 else 0.0}
+    for name, values in (("ttft", ttft), ("tpot", tpot)):
+        for q in (50, 90, 99):
+            m[f"{name}_p{q}_s"] = float(np.percentile(values, q)) if len(values) else 0.0
+    return m
