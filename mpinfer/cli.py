@@ -49,7 +49,7 @@ def run(job_file, overrides, skip_invalid, overwrite):
     from .engine.runner import run_job
 
     try:
-        code = run_job(job_file, overrides, node.size, skip_invalid, overwrite)
+        code = run_job(job_file, overrides, skip_invalid, overwrite)
     except UserError:
         raise  # rank 0 only: the others return EXIT_BAD_INPUT
     except Exception:

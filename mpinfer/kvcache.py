@@ -31,16 +31,18 @@ class PagedKVCache:
         self.free = list(range(num_blocks - 1, -1, -1))  # a stack: lowest ids handed out first
 
     @staticmethod
-    def blocks_for_bytes(cfg, nbytes, block_size):
-        """Blocks that fit in nbytes for the model config (K and V, float32, every layer)."""
-        per_block = 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * 4
+    def blocks_for_bytes(cfg, kv_heads, nbytes, block_size):
+        """Blocks that fit in nbytes (K and V, float32, every layer, kv_heads heads: this
+        rank's share under tensor parallelism)."""
+        per_block = 2 * cfg.num_layers * block_size * kv_heads * cfg.head_dim * 4
         return max(1, int(nbytes // per_block))
 
     @classmethod
-    def for_bytes(cls, cfg, nbytes, block_size):
-        """A pool of at most nbytes for the model config."""
-        blocks = cls.blocks_for_bytes(cfg, nbytes, block_size)
-        return cls(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, blocks, block_size)
+    def for_model(cls, model, nbytes, block_size):
+        """A pool of at most nbytes for this rank's part of the model."""
+        cfg = model.config
+        blocks = cls.blocks_for_bytes(cfg, model.kv_heads, nbytes, block_size)
+        return cls(cfg.num_layers, model.kv_heads, cfg.head_dim, blocks, block_size)
 
     @property
     def num_blocks(self):

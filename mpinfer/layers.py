@@ -1,27 +1,81 @@
-"""The layers of a decoder block, each reading its weights from a checkpoint.
+"""The layers of a decoder block, each reading its weights (its tensor-parallel slice of
+them) from a checkpoint.
 
 Legend: T new tokens of the batch, D hidden, H query heads, Hkv KV heads, Dh head dim,
-I intermediate (MLP) size. Weights keep Hugging Face's layout: linears are (out, in).
+I intermediate (MLP) size, V vocabulary; P the tensor-parallel (TP) group size, r this
+rank's place in it. Weights keep Hugging Face's layout: linears are (out, in).
+
+Tensor parallelism (Megatron-LM): a column-parallel linear Y = X A with A = [A_1 ... A_P]
+split by output columns gives each rank Y_r = X A_r, no communication; a row-parallel
+linear takes that split input, Y = sum_r X_r A_r with A split by input rows, and one
+all-reduce over the TP group completes the sum. QKV and gate/up are column-parallel, the
+attention output and down projections row-parallel: two all-reduces per layer. Heads and
+the KV cache are split by head; when there are fewer KV heads than ranks, each KV head is
+held by the P / Hkv ranks whose query heads use it.
 """
 
 import numpy as np
+
+from .errors import UserError
+
+
+class TP:
+    """This rank's place in its TP group; group None (or of size 1) means no tensor
+    parallelism. group: comm.Group (all_reduce in place)."""
+
+    def __init__(self, group=None):
+        self.group = group if group is not None and group.size > 1 else None
+        self.size = group.size if self.group else 1
+        self.rank = group.rank if self.group else 0
+
+    def part(self, n):
+        """This rank's contiguous 1/P of range(n), as a slice."""
+        k = n // self.size
+        return slice(self.rank * k, (self.rank + 1) * k)
+
+    def reduce(self, y):
+        """Complete a row-parallel product: sum over the TP group, in place."""
+        return self.group.all_reduce(y) if self.group else y
+
+
+def check_tp(cfg, size):
+    """UserError naming the numbers when a TP size does not divide the model."""
+    problems = [f"{what} {n}" for what, n in (("attention heads", cfg.num_heads), ("intermediate size",
+                cfg.intermediate_size), ("vocabulary", cfg.vocab_size)) if n % size]
+    if cfg.num_kv_heads % size and size % cfg.num_kv_heads:
+        problems.append(f"KV heads {cfg.num_kv_heads} (neither divides the other)")
+    if problems:
+        raise UserError(f"parallel.tp = {size} does not divide the model's {', '.join(problems)}")
+
+
+def kv_heads_of(cfg, tp):
+    """(first KV head, number of KV heads) this TP rank holds."""
+    n = max(1, cfg.num_kv_heads // tp.size)  # 1 when the KV heads are replicated over P / Hkv ranks
+    heads = cfg.num_heads // tp.size
+    return tp.rank * heads // (cfg.num_heads // cfg.num_kv_heads), n  # the KV head of my first query head
 
 
 class Linear:
     """y = x W^T + b with W (out, in). Several checkpoint linears reading the same input are
     fused into one (parts stacked along out): one larger matmul instead of several small ones.
 
-    parts: [(checkpoint name, out features)]; the outputs come back split in that order."""
+    parts: [(checkpoint name, full out features, rows kept or None)]; the outputs come back
+    split in that order. cols: the input columns kept (row-parallel); then the output is a
+    partial sum that `tp.reduce` completes, and the bias is added after the sum."""
 
-    def __init__(self, be, ckpt, parts, in_features, bias=False):
-        self.be = be
-        self.splits = np.cumsum([n for _, n in parts])[:-1]
-        self.w = be.weight(np.concatenate([ckpt.get(f"{name}.weight", (n, in_features)) for name, n in parts]))
-        self.b = be.weight(np.concatenate([ckpt.get(f"{name}.bias", (n,)) for name, n in parts])) if bias else None
+    def __init__(self, be, ckpt, parts, in_features, bias=False, cols=None, tp=None):
+        self.be, self.tp = be, tp
+        self.splits = np.cumsum([len(range(n)[rows or slice(None)]) for _, n, rows in parts])[:-1]
+        self.w = be.weight(np.concatenate([ckpt.get(f"{name}.weight", (n, in_features), rows, cols)
+                                           for name, n, rows in parts]))
+        self.b = be.weight(np.concatenate([ckpt.get(f"{name}.bias", (n,), rows) for name, n, rows in parts])) if bias else None
 
     def __call__(self, x):
-        y = self.be.linear(x, self.w, self.b)  # (T, sum of out)
-        return np.split(y, self.splits, axis=-1) if len(self.splits) else y
+        if self.tp is None:
+            y = self.be.linear(x, self.w, self.b)  # (T, sum of out)
+            return np.split(y, self.splits, axis=-1) if len(self.splits) else y
+        y = self.tp.reduce(self.be.linear(x, self.w))  # (T, out): sum_r x_r W_r^T
+        return y + self.b if self.b is not None else y
 
 
 class RMSNorm:
@@ -35,47 +89,53 @@ class RMSNorm:
 
 class Attention:
     """Grouped-query self-attention with RoPE, optional q/k bias (Qwen2), per-head q/k
-    RMSNorm (Qwen3) and a sliding window (Mistral, some Qwen layers)."""
+    RMSNorm (Qwen3) and a sliding window (Mistral, some Qwen layers), on this rank's H / P
+    query heads and their KV heads."""
 
-    def __init__(self, cfg, be, ckpt, layer):
+    def __init__(self, cfg, be, ckpt, layer, tp):
         p = f"model.layers.{layer}.self_attn"
         D, Dh = cfg.hidden_size, cfg.head_dim
         self.be, self.layer, self.window = be, layer, cfg.sliding_windows[layer]
-        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, Dh
+        self.heads, self.head_dim = cfg.num_heads // tp.size, Dh
+        first_kv, self.kv_heads = kv_heads_of(cfg, tp)
+        q_rows = tp.part(cfg.num_heads * Dh)
+        kv_rows = slice(first_kv * Dh, (first_kv + self.kv_heads) * Dh)
         q_out, kv_out = cfg.num_heads * Dh, cfg.num_kv_heads * Dh
-        self.qkv_proj = Linear(be, ckpt, [(f"{p}.q_proj", q_out), (f"{p}.k_proj", kv_out), (f"{p}.v_proj", kv_out)],
-                               D, cfg.qkv_bias)
-        self.o_proj = Linear(be, ckpt, [(f"{p}.o_proj", D)], q_out, cfg.o_bias)
+        self.qkv_proj = Linear(be, ckpt, [(f"{p}.q_proj", q_out, q_rows), (f"{p}.k_proj", kv_out, kv_rows),
+                                          (f"{p}.v_proj", kv_out, kv_rows)], D, cfg.qkv_bias)
+        self.o_proj = Linear(be, ckpt, [(f"{p}.o_proj", D, None)], q_out, cfg.o_bias, cols=q_rows, tp=tp)
         self.q_norm = RMSNorm(be, ckpt, f"{p}.q_norm", Dh, cfg.rms_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(be, ckpt, f"{p}.k_norm", Dh, cfg.rms_eps) if cfg.qk_norm else None
 
     def __call__(self, x, cos, sin, kv, batch):
         """x (T, D), the new tokens of batch's sequences concatenated; cos, sin (T, Dh/2);
-        kv: the paged cache whose pools hold this layer's K/V. Returns (T, D)."""
+        kv: the paged cache whose pools hold this layer's K/V (this rank's KV heads).
+        Returns (T, D), summed over the TP group."""
         T = x.shape[0]
         q, k, v = self.qkv_proj(x)
-        q = q.reshape(T, self.heads, self.head_dim)
+        q = q.reshape(T, self.heads, self.head_dim)  # (T, H/P, Dh)
         k = k.reshape(T, self.kv_heads, self.head_dim)
         v = v.reshape(T, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.be.rope(q, cos, sin), self.be.rope(k, cos, sin)
-        k_pool, v_pool = kv.k[self.layer], kv.v[self.layer]  # (slots, Hkv, Dh)
+        k_pool, v_pool = kv.k[self.layer], kv.v[self.layer]  # (slots, Hkv/P, Dh)
         self.be.store_kv(k_pool, batch.slots, k)
         self.be.store_kv(v_pool, batch.slots, v)
-        out = self.be.paged_attention(q, k_pool, v_pool, batch, self.window)  # (T, H, Dh)
+        out = self.be.paged_attention(q, k_pool, v_pool, batch, self.window)  # (T, H/P, Dh)
         return self.o_proj(out.reshape(T, self.heads * self.head_dim))
 
 
 class MLP:
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), on this rank's I / P intermediate features."""
 
-    def __init__(self, cfg, be, ckpt, layer):
+    def __init__(self, cfg, be, ckpt, layer, tp):
         p = f"model.layers.{layer}.mlp"
         D, I = cfg.hidden_size, cfg.intermediate_size
         self.be = be
-        self.gate_up_proj = Linear(be, ckpt, [(f"{p}.gate_proj", I), (f"{p}.up_proj", I)], D, cfg.mlp_bias)
-        self.down_proj = Linear(be, ckpt, [(f"{p}.down_proj", D)], I, cfg.mlp_bias)
+        part = tp.part(I)
+        self.gate_up_proj = Linear(be, ckpt, [(f"{p}.gate_proj", I, part), (f"{p}.up_proj", I, part)], D, cfg.mlp_bias)
+        self.down_proj = Linear(be, ckpt, [(f"{p}.down_proj", D, None)], I, cfg.mlp_bias, cols=part, tp=tp)
 
     def __call__(self, x):
         return self.down_proj(self.be.silu_mul(*self.gate_up_proj(x)))

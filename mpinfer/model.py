@@ -19,17 +19,17 @@ import numpy as np
 
 from . import rope
 from .backend import get_backend
-from .layers import MLP, Attention, RMSNorm
+from .layers import MLP, TP, Attention, RMSNorm, check_tp, kv_heads_of
 from .weights import open_checkpoint
 
 
 class Block:
-    def __init__(self, cfg, be, ckpt, layer):
+    def __init__(self, cfg, be, ckpt, layer, tp):
         p = f"model.layers.{layer}"
         self.input_norm = RMSNorm(be, ckpt, f"{p}.input_layernorm", cfg.hidden_size, cfg.rms_eps)
-        self.attn = Attention(cfg, be, ckpt, layer)
+        self.attn = Attention(cfg, be, ckpt, layer, tp)
         self.post_attention_norm = RMSNorm(be, ckpt, f"{p}.post_attention_layernorm", cfg.hidden_size, cfg.rms_eps)
-        self.mlp = MLP(cfg, be, ckpt, layer)
+        self.mlp = MLP(cfg, be, ckpt, layer, tp)
 
     def __call__(self, x, cos, sin, kv, batch):
         x = x + self.attn(self.input_norm(x), cos, sin, kv, batch)
@@ -37,19 +37,29 @@ class Block:
 
 
 class Decoder:
-    def __init__(self, ckpt, be):
+    """tp_group: comm.Group of this rank's tensor-parallel group, or None. With TP the
+    embedding and the LM head are vocab-parallel: this rank holds vocabulary rows
+    [vocab_offset, vocab_offset + V/P), and forward() returns logits for those only
+    (engine/logits.py finishes softmax, argmax and top-N over the group)."""
+
+    def __init__(self, ckpt, be, tp_group=None):
         cfg = self.config = ckpt.config
         self.be = be
-        self.embed = be.weight(ckpt.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size)))
+        self.tp = tp = TP(tp_group)
+        check_tp(cfg, tp.size)
+        self.kv_heads = kv_heads_of(cfg, tp)[1]  # per rank: the KV cache's head count
+        vocab = tp.part(cfg.vocab_size)
+        self.vocab_offset = vocab.start
+        self.embed = be.weight(ckpt.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size), vocab))
         # Reading (and dequantizing) is large numpy work that releases the GIL: one thread
         # per core roughly halves load time on 2 cores.
         with ThreadPoolExecutor(min(4, len(os.sched_getaffinity(0)))) as pool:
-            self.blocks = list(pool.map(lambda i: Block(cfg, be, ckpt, i), range(cfg.num_layers)))
+            self.blocks = list(pool.map(lambda i: Block(cfg, be, ckpt, i, tp), range(cfg.num_layers)))
         self.norm = RMSNorm(be, ckpt, "model.norm", cfg.hidden_size, cfg.rms_eps)
         if cfg.tie_embeddings:
-            self.lm_head = self.embed  # (V, D), the same array
+            self.lm_head = self.embed  # (V/P, D), the same array
         else:
-            self.lm_head = be.weight(ckpt.get("lm_head.weight", (cfg.vocab_size, cfg.hidden_size)))
+            self.lm_head = be.weight(ckpt.get("lm_head.weight", (cfg.vocab_size, cfg.hidden_size), vocab))
         divisors = ckpt.get("rope_freqs", (cfg.head_dim // 2,)) if cfg.rope.type == "gguf_freqs" else None
         self.inv_freq = rope.inv_freq(cfg.rope, cfg.head_dim, divisors)
 
@@ -66,7 +76,8 @@ class Decoder:
         kv = seqs[0].pool
         batch = kv.batch(seqs, counts)
         cos, sin = rope.cos_sin(self.inv_freq, batch.positions)
-        x = self.be.embedding(self.embed, ids)  # (T, D)
+        # vocab-parallel lookup: rows of other ranks' ids are zero here, the all-reduce fills them
+        x = self.tp.reduce(self.be.embedding(self.embed, ids, self.vocab_offset))  # (T, D)
         for block in self.blocks:
             x = block(x, cos, sin, kv, batch)
         batch.commit()

@@ -6,7 +6,9 @@
 
 Tensor names are the Hugging Face ones whatever the format; `get` returns float32 numpy
 arrays in the Hugging Face layout ((out_features, in_features) for linears), reading only the
-requested rows, so a tensor-parallel rank later reads only its slice.
+requested rows, so a tensor-parallel rank reads only its slice of a column-parallel weight.
+A column range (a row-parallel weight) is cut after reading whole rows: the bytes are
+strided on disk, so every page would be read anyway; only the slice is kept.
 """
 
 import json
@@ -36,13 +38,14 @@ class Checkpoint:
     """Common part: shape checking before any byte is read. Subclasses set `path`, `config`,
     and implement `names()`, `_shape(name)` and `_read(name, rows)`."""
 
-    def get(self, name, shape, rows=None):
+    def get(self, name, shape, rows=None, cols=None):
         if name not in self.names():
             raise UserError(f"{self._file_of(name)}: tensor {name!r} is missing")
         found = tuple(self._shape(name))
         if found != tuple(shape):
             raise UserError(f"{self._file_of(name)}: tensor {name!r} has shape {found}, expected {tuple(shape)}")
-        return self._read(name, rows)
+        array = self._read(name, rows)
+        return array if cols is None else np.ascontiguousarray(array[:, cols])
 
     def _file_of(self, name):
         return self.path

@@ -54,9 +54,9 @@ def write_job(folder, model, lines, name="job", **sections):
     return job, folder / f"{name}.h5"
 
 
-def mpinfer(n, *args, timeout=300):
+def mpinfer(n, *args, timeout=300, env=None):
     cmd = [os.path.join(BIN, "mpiexec"), "-n", str(n), os.path.join(BIN, "mpinfer"), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def rows_by_id(path):

@@ -4,7 +4,8 @@ transformers' logits warpers, and inverse-CDF frequencies against the distributi
 import numpy as np
 import pytest
 
-from mpinfer.engine.sampling import filtered_probs, logprobs, logsumexp, philox4x32, request_key, sample, top_ids, uniform
+from mpinfer.engine.logits import VocabShards
+from mpinfer.engine.sampling import filtered_probs, philox4x32, request_key, sample, top_ids, uniform
 from mpinfer.params import SamplingParams
 
 
@@ -66,11 +67,14 @@ def test_inverse_cdf_frequencies_follow_the_distribution():
 def test_greedy_and_logprobs():
     logits = np.array([1.0, 3.0, 3.0, -2.0], np.float32)
     assert sample(logits, SamplingParams(), 0, 0) == 1  # ties: lowest id
-    lse = logsumexp(logits[None])[0]
-    lp, top, top_lp = logprobs(logits, lse, 2, 2)
+    shards = VocabShards(logits[None], 0)
+    lse = shards.logsumexp()
     ref = logits - np.log(np.exp(logits.astype(np.float64)).sum())
-    assert lp == pytest.approx(ref[2]) and top.tolist() == [1, 2]
-    np.testing.assert_allclose(top_lp, ref[[1, 2]], rtol=1e-6)
+    assert shards.argmax().tolist() == [1]
+    assert (shards.values(np.array([2])) - lse)[0] == pytest.approx(ref[2])
+    top, top_values = shards.top(2)
+    assert top.tolist() == [[1, 2]]
+    np.testing.assert_allclose(top_values[0] - lse[0], ref[[1, 2]], rtol=1e-6)
 
 
 def test_top_ids_equals_stable_argsort():

@@ -44,9 +44,14 @@ class NumpyBackend:
     def to_numpy(self, x):
         return x
 
-    def embedding(self, table, ids):
-        # table (V, D), ids (T,) -> (T, D)
-        return table[ids]
+    def embedding(self, table, ids, offset=0):
+        # table (Vp, D) holding vocabulary rows offset.., ids (T,) -> (T, D), zero rows for
+        # ids outside the table (another tensor-parallel rank holds them)
+        local = ids - offset
+        inside = (local >= 0) & (local < len(table))
+        out = table[np.where(inside, local, 0)]
+        out[~inside] = 0.0
+        return out
 
     def linear(self, x, w, b=None):
         # x (T, in), w (out, in) as Hugging Face stores it -> (T, out)

@@ -72,6 +72,19 @@ def allgather(comm, obj):
     return [json.loads(out[a:b].tobytes()) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def bcast(comm, obj, root=0):
+    """root's obj (JSON-able) on every rank of comm. Waits by polling (see wait())."""
+    size = np.array([0], np.int64)
+    if comm.rank == root:
+        data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+        size[0] = data.size
+    wait(comm.Ibcast(size, root=root))
+    if comm.rank != root:
+        data = np.empty(int(size[0]), np.uint8)
+    wait(comm.Ibcast(data, root=root))
+    return json.loads(data.tobytes())
+
+
 def encode_request(r):
     return dict(index=r.index, id=r.id, prompt_ids=r.prompt_ids.tolist(), sampling=dataclasses.asdict(r.sampling))
 
@@ -92,12 +105,13 @@ class Dispatcher:
 
     on_records(records) and tick() run on the service thread only. stop: a threading.Event
     set by a signal on rank 0; the dispatcher then grants nothing more and tells every
-    replica to stop."""
+    replica to stop. leaders: the world rank that speaks for each replica (rank 0 first)."""
 
-    def __init__(self, comm, pending, on_records, tick, stop):
+    def __init__(self, comm, pending, on_records, tick, stop, leaders):
         self.comm, self.on_records, self.tick, self.stop = comm, on_records, tick, stop
         self.pending = collections.deque(pending)
-        self.replicas = comm.size
+        self.leaders = leaders
+        self.replicas = len(leaders)
         self.generated = [0] * comm.size  # tokens sampled per replica, for progress
         self.lock = threading.Lock()  # pending, inbox, generated[0], bye, stopped
         self.inbox = []  # rank 0's own finished records
@@ -124,7 +138,7 @@ class Dispatcher:
             told_to_stop = False
             while self.bye < self.replicas:
                 if self.stop.is_set() and not told_to_stop:
-                    self.sends += [isend(self.comm, {}, r, STOP) for r in range(1, self.comm.size)]
+                    self.sends += [isend(self.comm, {}, r, STOP) for r in self.leaders[1:]]
                     told_to_stop = True
                 self._drain_inbox()
                 self.tick()

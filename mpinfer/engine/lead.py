@@ -52,8 +52,10 @@ class Writer(threading.Thread):
             raise RuntimeError("the results writer failed") from self.error
 
 
-def lead(job, setup, scheduler, comm, stop, t0, replica):
-    """Rank 0's part of run_job; returns the exit code (sent to every rank)."""
+def lead(job, setup, topo, replica, comm, stop, t0):
+    """Rank 0's part of run_job; returns the exit code (sent to every rank). replica:
+    runner.Replica, rank 0's own; topo: its Topology (the leaders of all replicas are the
+    ranks of its data-parallel group)."""
     results, total = setup["results"], setup["total"]
     progress = Progress(total, len(results.done))
     writer = Writer(results, job.engine.flush_seconds, t0)
@@ -66,12 +68,12 @@ def lead(job, setup, scheduler, comm, stop, t0, replica):
     def tick():  # dispatch thread, every loop
         progress.update(done[0], sum(dispatcher.generated))
 
-    dispatcher = dispatch.Dispatcher(comm, setup["pending"], on_records, tick, stop)
+    dispatcher = dispatch.Dispatcher(comm, setup["pending"], on_records, tick, stop, topo.mapping.dp_group)
     writer.start()
     on_records([error_record(r) for r in setup["invalid"]])
     startup = time.perf_counter() - t0  # validation and model load, before the first step
     dispatcher.thread.start()
-    replica(scheduler, dispatch.LocalQueue(dispatcher), stop)
+    replica.run(dispatch.LocalQueue(dispatcher))
     dispatcher.thread.join()
     if dispatcher.error is not None:
         raise RuntimeError("the dispatch thread failed") from dispatcher.error
@@ -85,7 +87,8 @@ def lead(job, setup, scheduler, comm, stop, t0, replica):
               "run the same job again to continue", flush=True)
     else:
         elapsed = time.perf_counter() - t0  # wall_s and the throughput from the same clock reading
-        metrics = {**_metrics(read_rows(job.output_path), results.wall_s_before + elapsed), "startup_s": startup}
+        metrics = {**_metrics(read_rows(job.output_path), results.wall_s_before + elapsed), "startup_s": startup,
+                   **{f"comm.{k}": v for k, v in topo.counters().items()}}  # rank 0's groups
         results.finish(elapsed, metrics)
         os.remove(job.output_path + ".lock")  # still held: no other run can be waiting on it
         code = EXIT_OK

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -28,15 +29,17 @@ from ..io.prompts import read_prompts
 from ..io.results import ResultsFile, lock
 from ..job import load_job
 from ..kvcache import PagedKVCache
+from ..layers import check_tp
 from ..model import Decoder
 from ..tokenizer import load_tokenizer
+from ..topology import Topology
 from ..weights import open_checkpoint
 from . import dispatch
 from .lead import lead
 from .scheduler import Scheduler
 
 
-def run_job(job_file, overrides, ranks_per_node, skip_invalid=False, overwrite=False, comm=MPI.COMM_WORLD):
+def run_job(job_file, overrides, skip_invalid=False, overwrite=False, comm=MPI.COMM_WORLD):
     """Run the job; returns the exit code, the same on every rank. Every rank calls it.
     Bad input raises UserError on rank 0 only (the CLI prints it once); the other ranks
     return EXIT_BAD_INPUT. SIGTERM, SIGUSR1 or SIGINT stop the job early but resumably."""
@@ -47,10 +50,24 @@ def run_job(job_file, overrides, ranks_per_node, skip_invalid=False, overwrite=F
     job, setup, problem = None, None, None
     try:
         job = load_job(job_file, overrides)  # on every rank: a path may exist on one node only
-        if comm.rank == 0:
-            setup = _prepare(job, ranks_per_node, skip_invalid, overwrite, comm)
     except UserError as e:
         problem = str(e)
+    if _any_problem(comm, problem):
+        return EXIT_BAD_INPUT
+    try:
+        p = job.parallel
+        topo = Topology(comm, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep)  # the same verdict on every rank
+    except ValueError as e:
+        problem = f"{job.path}: [parallel]: {e}"
+    if _any_problem(comm, problem):
+        return EXIT_BAD_INPUT
+    if comm.rank == 0:
+        m = topo.mapping  # the whole table for a few ranks, its summary line for many
+        print(m.table() if m.world <= 32 else m.describe(), file=sys.stderr, flush=True)
+        try:
+            setup = _prepare(job, topo, skip_invalid, overwrite)
+        except UserError as e:
+            problem = str(e)
     if _any_problem(comm, problem):
         return EXIT_BAD_INPUT
     if dispatch.allgather(comm, setup is not None and setup["results"].complete)[0]:
@@ -60,17 +77,18 @@ def run_job(job_file, overrides, ranks_per_node, skip_invalid=False, overwrite=F
     try:
         ckpt = setup["ckpt"] if comm.rank == 0 else open_checkpoint(job.model_path)
         tokenizer = setup["tokenizer"] if comm.rank == 0 else load_tokenizer(job.model_path, ckpt)
-        model = Decoder(ckpt, get_backend(job.engine.backend))
+        model = Decoder(ckpt, get_backend(job.engine.backend), topo.tp)  # reads only this rank's slices
     except UserError as e:  # e.g. a weight file truncated after its header
         problem = str(e)
     if _any_problem(comm, problem):
         return EXIT_BAD_INPUT
-    pool = PagedKVCache.for_bytes(model.config, job.engine.kv_cache_gb * 2**30, job.engine.block_size)
+    pool = PagedKVCache.for_model(model, job.engine.kv_cache_gb * 2**30, job.engine.block_size)
     scheduler = Scheduler(model, tokenizer, pool, job.engine.max_batch_tokens, job.engine.max_seqs)
+    replica = Replica(scheduler, topo.tp, stop)
     try:
         if comm.rank == 0:
-            return lead(job, setup, scheduler, comm, stop, t0, _replica)
-        _replica(scheduler, dispatch.RemoteQueue(comm), stop)
+            return lead(job, setup, topo, replica, comm, stop, t0)
+        replica.run(dispatch.RemoteQueue(comm) if topo.tp.rank == 0 else None)
         return dispatch.poll(comm, 0, dispatch.FINAL, block=True)[2]["code"]
     except UserError as e:  # after the start every failure ends the whole job (the CLI aborts)
         raise RuntimeError(str(e)) from None
@@ -86,20 +104,22 @@ def _any_problem(comm, problem):
     return bool(problems)
 
 
-def _prepare(job, ranks_per_node, skip_invalid, overwrite, comm):
-    for key, value in dataclasses.asdict(job.parallel).items():
-        if value != 1:  # data parallel only, until the model is split over ranks
-            raise UserError(f"parallel.{key} = {value}: only data parallelism (tp = pp = ep = cp = 1) "
-                            "is available in this version")
+def _prepare(job, topo, skip_invalid, overwrite):
+    for key in ("pp", "ep", "cp"):
+        if getattr(job.parallel, key) != 1:
+            raise UserError(f"parallel.{key} = {getattr(job.parallel, key)}: only data and tensor parallelism "
+                            "(pp = ep = cp = 1) are available in this version")
     ckpt = open_checkpoint(job.model_path)
     cfg = ckpt.config
+    check_tp(cfg, job.parallel.tp)
     tokenizer = load_tokenizer(job.model_path, ckpt)
     requests = read_prompts(job.input_path, tokenizer, job.sampling, cfg.max_position, cfg.vocab_size, skip_invalid)
     _check_kv_capacity(job, cfg, requests)
     fingerprint = {"model": _model_identity(job.model_path, cfg), "prompts": _sha256(job.input_path),
                    "sampling": dataclasses.asdict(job.sampling)}
-    layout = {"world": comm.size, "dp": comm.size, "tp": 1, "pp": 1, "ep": 1, "cp": 1,
-              "ranks_per_node": ranks_per_node, "blas_threads_per_rank": int(os.environ["OPENBLAS_NUM_THREADS"])}
+    m = topo.mapping
+    layout = {"world": m.world, "dp": m.dp, "tp": m.tp, "pp": m.pp, "ep": m.ep, "cp": m.cp,
+              "ranks_per_node": m.ranks_per_node, "blas_threads_per_rank": int(os.environ["OPENBLAS_NUM_THREADS"])}
     attrs = {"mpinfer_version": __version__, "job": job.toml(), "layout": json.dumps(layout), "model": cfg.to_json()}
     lock(job.output_path)  # released when this process ends
     results = ResultsFile(job.output_path, fingerprint, attrs, overwrite)
@@ -111,7 +131,8 @@ def _prepare(job, ranks_per_node, skip_invalid, overwrite, comm):
 def _check_kv_capacity(job, cfg, requests):
     """Refuse, before any compute, a request that could never fit the replica's KV cache."""
     e = job.engine
-    capacity = PagedKVCache.blocks_for_bytes(cfg, e.kv_cache_gb * 2**30, e.block_size) * e.block_size
+    kv_heads = max(1, cfg.num_kv_heads // job.parallel.tp)  # per rank
+    capacity = PagedKVCache.blocks_for_bytes(cfg, kv_heads, e.kv_cache_gb * 2**30, e.block_size) * e.block_size
     for r in requests:
         need = min(len(r.prompt_ids) + r.sampling.max_new_tokens, cfg.max_position)
         if r.error is None and need > capacity:
@@ -119,25 +140,51 @@ def _check_kv_capacity(job, cfg, requests):
                             f"but request {r.id!r} (line {r.index + 1}) may need {need}; raise engine.kv_cache_gb")
 
 
-def _replica(scheduler, queue, stop):
-    """One replica's loop: keep a few requests queued beyond the running ones, step until
-    the queue is drained and everything taken is finished, or until told to stop (then the
-    unfinished requests are left for the next run)."""
-    max_seqs = scheduler.max_seqs
-    low_water = max(4, max_seqs // 8)
-    while not stop.is_set():
-        queue.check(stop)
-        room = max_seqs - len(scheduler.running) - len(scheduler.waiting)
-        if not queue.drained and len(scheduler.waiting) < low_water and room > 0:
-            scheduler.add(queue.take(room, block=scheduler.idle))
-        if scheduler.idle:
-            if queue.drained:
+class Replica:
+    """One data-parallel replica: a TP group of ranks running one scheduler in lockstep.
+    The group's first rank (the leader) talks to rank 0's queue and broadcasts, before each
+    step, the requests it got and whether to stop; every rank of the group then makes the
+    same scheduling decisions and takes part in the same collectives."""
+
+    def __init__(self, scheduler, tp, stop):
+        self.scheduler, self.tp, self.stop = scheduler, tp, stop
+
+    def run(self, queue):
+        """queue: the dispatch queue on the leader, None on the other ranks of the group.
+        Steps until the queue is drained and everything taken is finished, or until told
+        to stop (the unfinished requests are left for the next run)."""
+        sched = self.scheduler
+        low_water = max(4, sched.max_seqs // 8)
+        while True:
+            if queue is not None:
+                queue.check(self.stop)
+                new = []
+                room = sched.max_seqs - len(sched.running) - len(sched.waiting)
+                if not self.stop.is_set() and not queue.drained and len(sched.waiting) < low_water and room > 0:
+                    new = queue.take(room, block=sched.idle)
+                order = {"stop": self.stop.is_set(), "drained": queue.drained, "requests": new}
+            else:
+                order = None
+            order = self._share(order)
+            sched.add(order["requests"])
+            if order["stop"] or (sched.idle and order["drained"]):
                 break
-            continue
-        finished = scheduler.step()
-        if finished:
-            queue.put(finished, scheduler.generated)
-    queue.close(scheduler.generated, stop.is_set())
+            if sched.idle:
+                continue
+            finished = sched.step()  # collective over the TP group
+            if finished and queue is not None:
+                queue.put(finished, sched.generated)
+        if queue is not None:
+            queue.close(sched.generated, order["stop"])
+
+    def _share(self, order):
+        """The leader's order, on every rank of the group (JSON over the TP communicator)."""
+        if self.tp.size == 1:
+            return order
+        if order is not None:
+            order = {**order, "requests": [dispatch.encode_request(r) for r in order["requests"]]}
+        order = dispatch.bcast(self.tp.comm, order)
+        return {**order, "requests": [dispatch.decode_request(d) for d in order["requests"]]}
 
 
 def _model_identity(path, cfg):

@@ -77,19 +77,3 @@ def sample(logits, params, request_key_, step):
     order, probs = filtered_probs(logits, params)
     u = uniform(params.seed, request_key_, step)
     return int(order[min(int(np.searchsorted(np.cumsum(probs), u, side="right")), len(order) - 1)])
-
-
-def logsumexp(logits):
-    """log sum exp over the vocabulary of each row: (R, V) float32 -> (R,) float64 (float32
-    sums are pairwise, accurate to ~1e-7 relative)."""
-    m = logits.max(axis=-1, keepdims=True)
-    e = logits - m
-    np.exp(e, out=e)
-    return m[:, 0].astype(np.float64) + np.log(e.sum(axis=-1).astype(np.float64))
-
-
-def logprobs(logits, lse, token, top_n):
-    """log p(token) under the model's own distribution (before any filter), and the top_n
-    (ids, logprobs), most likely first. logits (V,); lse its logsumexp()."""
-    top = top_ids(logits, top_n) if top_n else np.zeros(0, np.int64)
-    return float(logits[token] - lse), top, (logits[top] - lse).astype(np.float32)

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from . import sampling
+from .logits import VocabShards
 
 
 class Sequence:
@@ -67,13 +68,17 @@ class Scheduler:
                                   f"({self.pool.num_blocks} blocks of {self.pool.block_size}); raise engine.kv_cache_gb")
             return []
         ids = np.concatenate([seq.tokens[seq.cache.length : seq.cache.length + n] for seq, n in scheduled])
-        logits = self.model.forward(ids, [seq.cache for seq, _ in scheduled], [n for _, n in scheduled])  # (B, V)
+        logits = self.model.forward(ids, [seq.cache for seq, _ in scheduled], [n for _, n in scheduled])  # (B, V/P)
         done = [(seq, row) for row, (seq, _) in enumerate(scheduled) if seq.todo == 0]
+        if not done:
+            return []
+        self._sample([seq for seq, _ in done], VocabShards(logits[[row for _, row in done]], self.model.vocab_offset,
+                                                           self.model.tp.group))
         finished = []
         now = time.perf_counter()
-        lse = sampling.logsumexp(logits[[row for _, row in done]]) if done else []
-        for (seq, row), row_lse in zip(done, lse):
-            self._sample(seq, logits[row], row_lse, now)
+        for seq, _ in done:
+            if seq.t_first is None:
+                seq.t_first = now
             if seq.finish_reason:
                 self.running.remove(seq)
                 self.pool.release(seq.cache)
@@ -114,24 +119,36 @@ class Scheduler:
         self.pool.release(seq.cache)  # recomputed from its tokens when readmitted
         self.waiting.appendleft(seq)
 
-    def _sample(self, seq, logits, lse, now):
-        p = seq.params
-        token = sampling.sample(logits, p, seq.key, len(seq.output))
-        lp, top_ids, top_lps = sampling.logprobs(logits, lse, token, p.logprobs)
-        seq.tokens.append(token)
-        seq.output.append(token)
-        seq.logprobs.append(lp)
-        seq.top_ids.extend(int(t) for t in top_ids)
-        seq.top_logprobs.extend(float(x) for x in top_lps)
-        self.generated += 1
-        if seq.t_first is None:
-            seq.t_first = now
-        if token in self.eos or token in p.stop_token_ids:
-            seq.finish_reason = "stop"
-        elif p.stop and self._cut_at_stop(seq):
-            seq.finish_reason, seq.cut = "stop", True
-        elif len(seq.output) >= p.max_new_tokens or len(seq.tokens) >= self.context:
-            seq.finish_reason = "length"
+    def _sample(self, seqs, logits):
+        """Next token of each sequence from its row of logits (VocabShards, R rows), with
+        its log-probability and the top-N asked for; then the stop rules."""
+        lse = logits.logsumexp()  # (R,)
+        tokens = logits.argmax()  # greedy
+        sampled = [i for i, seq in enumerate(seqs) if seq.params.temperature > 0]
+        if sampled:  # filtered sampling needs the whole distribution of those rows
+            for i, row in zip(sampled, logits.rows(sampled)):
+                seq = seqs[i]
+                tokens[i] = sampling.sample(row, seq.params, seq.key, len(seq.output))
+        chosen = logits.values(tokens) - lse
+        n_top = max(seq.params.logprobs for seq in seqs)
+        if n_top:
+            top_ids, top_values = logits.top(n_top)
+            top_lps = (top_values - lse[:, None]).astype(np.float32)
+        for i, seq in enumerate(seqs):
+            p, token = seq.params, int(tokens[i])
+            seq.tokens.append(token)
+            seq.output.append(token)
+            seq.logprobs.append(float(chosen[i]))
+            if p.logprobs:
+                seq.top_ids.extend(int(t) for t in top_ids[i, : p.logprobs])
+                seq.top_logprobs.extend(float(x) for x in top_lps[i, : p.logprobs])
+            self.generated += 1
+            if token in self.eos or token in p.stop_token_ids:
+                seq.finish_reason = "stop"
+            elif p.stop and self._cut_at_stop(seq):
+                seq.finish_reason, seq.cut = "stop", True
+            elif len(seq.output) >= p.max_new_tokens or len(seq.tokens) >= self.context:
+                seq.finish_reason = "length"
 
     def _cut_at_stop(self, seq):
         """True when a stop string appeared; seq.text is then cut before its first one. A stop

@@ -1,0 +1,120 @@
+"""Named collectives over one parallel dimension's communicator, counting what they move.
+
+Each Group wraps the MPI sub-communicator of one kind (tp, cp, pp, dp, ep; built by
+Topology) and counts, per operation, the calls and the payload bytes, plus for all_reduce
+the bytes a ring all-reduce moves per rank, 2 (T-1)/T * nbytes over a group of T ranks
+(the chapter's cost model, DESIGN.md section 4). A group of one rank does nothing and
+counts nothing, so single-rank code calls the same functions at no cost.
+
+Buffers are NumPy arrays passed to mpi4py's uppercase (buffer) methods: no pickle. MPI
+infers the element type from the array (float32, float64, int32, int64, ...).
+
+Waiting on a non-blocking request polls Test() with short sleeps instead of a blocking
+Wait(): MPICH's blocking waits spin and would steal the core of another rank on an
+oversubscribed node. Blocking collectives (Allreduce, Allgather, Bcast) are kept as they are.
+"""
+
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+POLL_S = 0.0005
+
+
+class Request:
+    """A pending send or receive; keeps its buffer alive until wait() returns."""
+
+    def __init__(self, mpi_request, buffer):
+        self.request, self.buffer = mpi_request, buffer
+
+    def test(self):
+        """True once the operation has completed (never blocks)."""
+        return self.request.Test()
+
+    def wait(self):
+        """Block until the operation completes, polling (see the module docstring)."""
+        while not self.request.Test():
+            time.sleep(POLL_S)
+
+
+class Group:
+    """An MPI communicator of one parallel dimension, with counters.
+
+    .comm the mpi4py communicator, .name ("tp", "pp", ...), .size, .rank (my position,
+    which is my place in the Mapping's group of this kind). .counts = {op: {"calls": n,
+    "bytes": payload bytes[, "ring_bytes": ...]}}.
+    """
+
+    def __init__(self, mpi_comm, name):
+        self.comm, self.name = mpi_comm, name
+        self.size, self.rank = mpi_comm.Get_size(), mpi_comm.Get_rank()
+        self.counts = {}
+
+    def _count(self, op, nbytes, **extra):
+        c = self.counts.setdefault(op, {"calls": 0, "bytes": 0, **{k: 0 for k in extra}})
+        c["calls"] += 1
+        c["bytes"] += nbytes
+        for k, v in extra.items():
+            c[k] += v
+
+    def all_reduce(self, x):
+        """x <- sum of x over the group, in place; returns x. x: C-contiguous array.
+
+        Completes a row-parallel product: with A split by input rows over the group,
+        Y = X A = sum_r X_r A_r, and each rank holds one term X_r A_r.
+        """
+        if self.size == 1:
+            return x
+        _check_contiguous(x, "all_reduce")
+        self.comm.Allreduce(MPI.IN_PLACE, x, op=MPI.SUM)
+        # ring all-reduce: reduce-scatter then all-gather, each (T-1) steps of nbytes/T
+        self._count("all_reduce", x.nbytes, ring_bytes=2 * (self.size - 1) / self.size * x.nbytes)
+        return x
+
+    def all_gather(self, x):
+        """Every rank's x stacked in rank order: shape (size, *x.shape). For a group of one,
+        a view of x (no copy)."""
+        if self.size == 1:
+            return x[None]
+        x = np.ascontiguousarray(x)
+        out = np.empty((self.size, *x.shape), x.dtype)
+        self.comm.Allgather(x, out)
+        self._count("all_gather", x.nbytes)
+        return out
+
+    def bcast(self, x, root=0):
+        """x <- root's x, in place on every rank; returns x. x: C-contiguous array."""
+        if self.size == 1:
+            return x
+        _check_contiguous(x, "bcast")
+        self.comm.Bcast(x, root=root)
+        self._count("bcast", x.nbytes)
+        return x
+
+    def send(self, x, dest, tag=0):
+        """Start sending x to group rank dest; returns a Request (call .wait() before reusing x).
+
+        Messages between two ranks arrive in the order they were sent (per tag)."""
+        x = np.ascontiguousarray(x)
+        request = Request(self.comm.Isend(x, dest=dest, tag=tag), x)
+        self._count("send", x.nbytes)
+        return request
+
+    def recv(self, shape, dtype, source, tag=0):
+        """Start receiving an array of this shape and dtype from group rank source;
+        returns (Request, array): the array holds the data once the request is waited on."""
+        x = np.empty(shape, dtype)
+        request = Request(self.comm.Irecv(x, source=source, tag=tag), x)
+        self._count("recv", x.nbytes)
+        return request, x
+
+    def counters(self):
+        """Flat {"<name>.<op>.<field>": value}, e.g. "tp.all_reduce.ring_bytes", for metrics."""
+        return {f"{self.name}.{op}.{field}": value for op, c in self.counts.items() for field, value in c.items()}
+
+
+def _check_contiguous(x, op):
+    if not (isinstance(x, np.ndarray) and x.flags.c_contiguous):
+        raise ValueError(f"{op} works in place on a C-contiguous numpy array, got {type(x).__name__}"
+                         + (" that is not contiguous" if isinstance(x, np.ndarray) else ""))
