@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import signal
-import sys
 import threading
 import time
 
@@ -62,14 +61,15 @@ def run_job(job_file, overrides, skip_invalid=False, overwrite=False, comm=MPI.C
     if _any_problem(comm, problem):
         return EXIT_BAD_INPUT
     if comm.rank == 0:
-        m = topo.mapping  # the whole table for a few ranks, its summary line for many
-        print(m.table() if m.world <= 32 else m.describe(), file=sys.stderr, flush=True)
         try:
             setup = _prepare(job, topo, skip_invalid, overwrite)
         except UserError as e:
             problem = str(e)
     if _any_problem(comm, problem):
         return EXIT_BAD_INPUT
+    if comm.rank == 0:
+        m = topo.mapping  # the whole table for a few ranks, its summary line for many
+        print(m.table() if m.world <= 32 else m.describe(), flush=True)
     if dispatch.allgather(comm, setup is not None and setup["results"].complete)[0]:
         if comm.rank == 0:
             print(f"mpinfer: {job.output_path} is already complete; nothing to run", flush=True)
