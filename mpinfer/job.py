@@ -24,6 +24,7 @@ class Parallel:
     pp: int = 1
     ep: int = 1
     cp: int = 1
+    micro_batches: int = 0  # requests groups in flight through a pipeline; 0 = pp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,8 @@ class Engine:
 
 # key: (type, test, what the test asks), as in sampling.py
 _AT_LEAST_1 = (int, lambda v: v >= 1, "must be >= 1")
-_PARALLEL_RULES = {"tp": _AT_LEAST_1, "pp": _AT_LEAST_1, "ep": _AT_LEAST_1, "cp": _AT_LEAST_1}
+_PARALLEL_RULES = {"tp": _AT_LEAST_1, "pp": _AT_LEAST_1, "ep": _AT_LEAST_1, "cp": _AT_LEAST_1,
+                   "micro_batches": (int, lambda v: v >= 0, "must be >= 0 (0: as many as pipeline stages)")}
 _ENGINE_RULES = {
     "backend": (str, lambda v: v in BACKENDS, f"must be one of {', '.join(BACKENDS)}"),
     "max_batch_tokens": (int, lambda v: v >= 16, "must be >= 16"),

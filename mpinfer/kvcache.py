@@ -31,18 +31,20 @@ class PagedKVCache:
         self.free = list(range(num_blocks - 1, -1, -1))  # a stack: lowest ids handed out first
 
     @staticmethod
-    def blocks_for_bytes(cfg, kv_heads, nbytes, block_size):
-        """Blocks that fit in nbytes (K and V, float32, every layer, kv_heads heads: this
-        rank's share under tensor parallelism)."""
-        per_block = 2 * cfg.num_layers * block_size * kv_heads * cfg.head_dim * 4
+    def blocks_for_bytes(cfg, layers, kv_heads, nbytes, block_size):
+        """Blocks that fit in nbytes (K and V, float32, of `layers` layers with kv_heads
+        heads: this rank's share under tensor and pipeline parallelism)."""
+        per_block = 2 * max(1, layers) * block_size * kv_heads * cfg.head_dim * 4
         return max(1, int(nbytes // per_block))
 
     @classmethod
-    def for_model(cls, model, nbytes, block_size):
-        """A pool of at most nbytes for this rank's part of the model."""
+    def for_model(cls, model, nbytes, block_size, sized_for_layers):
+        """A pool for this rank's layers of the model, with as many blocks as nbytes holds
+        for sized_for_layers layers (the largest pipeline stage's: every stage of a
+        pipeline must have the same blocks, as the first stage's block tables apply to all)."""
         cfg = model.config
-        blocks = cls.blocks_for_bytes(cfg, model.kv_heads, nbytes, block_size)
-        return cls(cfg.num_layers, model.kv_heads, cfg.head_dim, blocks, block_size)
+        blocks = cls.blocks_for_bytes(cfg, sized_for_layers, model.kv_heads, nbytes, block_size)
+        return cls(len(model.blocks), model.kv_heads, cfg.head_dim, blocks, block_size)
 
     @property
     def num_blocks(self):
@@ -69,31 +71,38 @@ class PagedKVCache:
 
     def batch(self, seqs, counts):
         """Where a forward pass over seqs (counts[i] new tokens each) reads and writes."""
-        return Batch(self, seqs, counts)
+        return Batch.of(self, seqs, counts)
 
 
 class Batch:
-    """The cache geometry of one forward pass. B sequences, T = sum(counts) new tokens.
+    """The cache geometry of one forward pass. B sequences, T = sum(q_lens) new tokens.
 
-    slots (T,) pool rows the new tokens' K/V go to; positions (T,) their positions;
-    tables (B, max blocks) block ids padded with 0; kv_lens (B,) tokens each sequence
-    attends to (cached + new); q_lens (B,) = counts."""
+    q_lens (B,) new tokens of each sequence; kv_lens (B,) tokens each attends to (cached +
+    new); tables (B, max blocks) block ids padded with 0; positions (T,) of the new tokens;
+    slots (T,) pool rows their K/V go to. A pipeline stage without the sequences' block
+    tables builds the same geometry from geometry() of the first stage."""
 
-    def __init__(self, pool, seqs, counts):
+    def __init__(self, pool, q_lens, kv_lens, tables, seqs=()):
         bs = pool.block_size
+        self.pool, self.seqs = pool, seqs
+        self.q_lens, self.kv_lens = np.asarray(q_lens, np.int64), np.asarray(kv_lens, np.int64)
+        self.tables = np.asarray(tables, np.int64).reshape(len(self.q_lens), -1)
+        self.positions = np.concatenate([np.arange(k - q, k) for q, k in zip(self.q_lens, self.kv_lens)])
+        seq_of_token = np.repeat(np.arange(len(self.q_lens)), self.q_lens)
+        self.slots = self.tables[seq_of_token, self.positions // bs] * bs + self.positions % bs
+
+    @classmethod
+    def of(cls, pool, seqs, counts):
         for s, n in zip(seqs, counts):
             if not pool.reserve(s, s.length + n):
                 raise MemoryError(f"KV cache pool of {pool.num_blocks} blocks is full")
-        self.pool, self.seqs = pool, seqs
-        self.q_lens = np.asarray(counts, np.int64)
-        self.kv_lens = np.asarray([s.length + n for s, n in zip(seqs, counts)], np.int64)
-        self.positions = np.concatenate([np.arange(s.length, s.length + n) for s, n in zip(seqs, counts)])
-        width = max(len(s.blocks) for s in seqs)
-        self.tables = np.zeros((len(seqs), width), np.int64)
+        tables = np.zeros((len(seqs), max(len(s.blocks) for s in seqs)), np.int64)
         for i, s in enumerate(seqs):
-            self.tables[i, : len(s.blocks)] = s.blocks
-        seq_of_token = np.repeat(np.arange(len(seqs)), self.q_lens)
-        self.slots = self.tables[seq_of_token, self.positions // bs] * bs + self.positions % bs
+            tables[i, : len(s.blocks)] = s.blocks
+        return cls(pool, counts, [s.length + n for s, n in zip(seqs, counts)], tables, seqs)
+
+    def geometry(self):
+        return {"q_lens": self.q_lens.tolist(), "kv_lens": self.kv_lens.tolist(), "tables": self.tables.tolist()}
 
     def commit(self):
         """The forward pass stored every layer's K/V: the new tokens are now cached."""

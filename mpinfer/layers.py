@@ -92,10 +92,10 @@ class Attention:
     RMSNorm (Qwen3) and a sliding window (Mistral, some Qwen layers), on this rank's H / P
     query heads and their KV heads."""
 
-    def __init__(self, cfg, be, ckpt, layer, tp):
+    def __init__(self, cfg, be, ckpt, layer, tp, slot):
         p = f"model.layers.{layer}.self_attn"
         D, Dh = cfg.hidden_size, cfg.head_dim
-        self.be, self.layer, self.window = be, layer, cfg.sliding_windows[layer]
+        self.be, self.slot, self.window = be, slot, cfg.sliding_windows[layer]  # slot: the layer's place in the KV pool
         self.heads, self.head_dim = cfg.num_heads // tp.size, Dh
         first_kv, self.kv_heads = kv_heads_of(cfg, tp)
         q_rows = tp.part(cfg.num_heads * Dh)
@@ -119,7 +119,7 @@ class Attention:
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.be.rope(q, cos, sin), self.be.rope(k, cos, sin)
-        k_pool, v_pool = kv.k[self.layer], kv.v[self.layer]  # (slots, Hkv/P, Dh)
+        k_pool, v_pool = kv.k[self.slot], kv.v[self.slot]  # (slots, Hkv/P, Dh)
         self.be.store_kv(k_pool, batch.slots, k)
         self.be.store_kv(v_pool, batch.slots, v)
         out = self.be.paged_attention(q, k_pool, v_pool, batch, self.window)  # (T, H/P, Dh)

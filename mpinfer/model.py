@@ -24,10 +24,10 @@ from .weights import open_checkpoint
 
 
 class Block:
-    def __init__(self, cfg, be, ckpt, layer, tp):
+    def __init__(self, cfg, be, ckpt, layer, tp, slot):
         p = f"model.layers.{layer}"
         self.input_norm = RMSNorm(be, ckpt, f"{p}.input_layernorm", cfg.hidden_size, cfg.rms_eps)
-        self.attn = Attention(cfg, be, ckpt, layer, tp)
+        self.attn = Attention(cfg, be, ckpt, layer, tp, slot)
         self.post_attention_norm = RMSNorm(be, ckpt, f"{p}.post_attention_layernorm", cfg.hidden_size, cfg.rms_eps)
         self.mlp = MLP(cfg, be, ckpt, layer, tp)
 
@@ -39,27 +39,35 @@ class Block:
 class Decoder:
     """tp_group: comm.Group of this rank's tensor-parallel group, or None. With TP the
     embedding and the LM head are vocab-parallel: this rank holds vocabulary rows
-    [vocab_offset, vocab_offset + V/P), and forward() returns logits for those only
-    (engine/logits.py finishes softmax, argmax and top-N over the group)."""
+    [vocab_offset, vocab_offset + V/P), and the logits it returns cover those only
+    (engine/logits.py finishes softmax, argmax and top-N over the group).
 
-    def __init__(self, ckpt, be, tp_group=None):
+    layers: the range of layers this rank holds (a pipeline stage); the first stage also
+    holds the embedding, the last the final norm and the LM head. Its KV cache pool holds
+    those layers only."""
+
+    def __init__(self, ckpt, be, tp_group=None, layers=None):
         cfg = self.config = ckpt.config
         self.be = be
         self.tp = tp = TP(tp_group)
         check_tp(cfg, tp.size)
+        self.layers = layers or (0, cfg.num_layers)
+        self.first, self.last = self.layers[0] == 0, self.layers[1] == cfg.num_layers
         self.kv_heads = kv_heads_of(cfg, tp)[1]  # per rank: the KV cache's head count
         vocab = tp.part(cfg.vocab_size)
         self.vocab_offset = vocab.start
-        self.embed = be.weight(ckpt.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size), vocab))
+        embed = lambda: be.weight(ckpt.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size), vocab))
+        self.embed = embed() if self.first else None
         # Reading (and dequantizing) is large numpy work that releases the GIL: one thread
         # per core roughly halves load time on 2 cores.
         with ThreadPoolExecutor(min(4, len(os.sched_getaffinity(0)))) as pool:
-            self.blocks = list(pool.map(lambda i: Block(cfg, be, ckpt, i, tp), range(cfg.num_layers)))
-        self.norm = RMSNorm(be, ckpt, "model.norm", cfg.hidden_size, cfg.rms_eps)
-        if cfg.tie_embeddings:
-            self.lm_head = self.embed  # (V/P, D), the same array
-        else:
-            self.lm_head = be.weight(ckpt.get("lm_head.weight", (cfg.vocab_size, cfg.hidden_size), vocab))
+            self.blocks = list(pool.map(lambda i: Block(cfg, be, ckpt, i, tp, i - self.layers[0]), range(*self.layers)))
+        if self.last:
+            self.norm = RMSNorm(be, ckpt, "model.norm", cfg.hidden_size, cfg.rms_eps)
+            if cfg.tie_embeddings:
+                self.lm_head = self.embed if self.first else embed()  # (V/P, D)
+            else:
+                self.lm_head = be.weight(ckpt.get("lm_head.weight", (cfg.vocab_size, cfg.hidden_size), vocab))
         divisors = ckpt.get("rope_freqs", (cfg.head_dim // 2,)) if cfg.rope.type == "gguf_freqs" else None
         self.inv_freq = rope.inv_freq(cfg.rope, cfg.head_dim, divisors)
 
@@ -68,19 +76,28 @@ class Decoder:
         return cls(open_checkpoint(path), get_backend(backend))
 
     def forward(self, ids, seqs, counts, all_logits=False):
-        """ids: the new tokens of len(seqs) sequences, concatenated (sum(counts),); seqs:
-        kvcache.SequenceCache of one pool. Returns float32 logits (len(seqs), V) for each
-        sequence's last new token, or (sum(counts), V) for every token with all_logits.
-        Stores the new tokens' K/V and commits them to each sequence."""
-        ids = np.asarray(ids, dtype=np.int64)
-        kv = seqs[0].pool
-        batch = kv.batch(seqs, counts)
-        cos, sin = rope.cos_sin(self.inv_freq, batch.positions)
-        # vocab-parallel lookup: rows of other ranks' ids are zero here, the all-reduce fills them
-        x = self.tp.reduce(self.be.embedding(self.embed, ids, self.vocab_offset))  # (T, D)
-        for block in self.blocks:
-            x = block(x, cos, sin, kv, batch)
+        """The whole model on one rank (or TP group). ids: the new tokens of len(seqs)
+        sequences, concatenated (sum(counts),); seqs: kvcache.SequenceCache of one pool.
+        Returns float32 logits (len(seqs), V/P) for each sequence's last new token, or
+        (sum(counts), V/P) for every token with all_logits. Stores the new tokens' K/V and
+        commits them to each sequence. Collective over the TP group."""
+        batch = seqs[0].pool.batch(seqs, counts)
+        x = self.run_layers(self.embed_tokens(ids), batch)
         batch.commit()
-        if not all_logits:
-            x = x[np.cumsum(counts) - 1]
+        return self.logits(x if all_logits else x[np.cumsum(counts) - 1])
+
+    def embed_tokens(self, ids):
+        """(T,) token ids -> (T, D). Vocab-parallel lookup: rows of other ranks' ids are zero
+        here, the all-reduce fills them."""
+        return self.tp.reduce(self.be.embedding(self.embed, np.asarray(ids, np.int64), self.vocab_offset))
+
+    def run_layers(self, x, batch):
+        """This rank's layers on x (T, D); batch: kvcache.Batch, where K/V go and come from."""
+        cos, sin = rope.cos_sin(self.inv_freq, batch.positions)
+        for block in self.blocks:
+            x = block(x, cos, sin, batch.pool, batch)
+        return x
+
+    def logits(self, x):
+        """(R, D) final hidden states -> (R, V/P) float32 logits of this rank's vocabulary rows."""
         return self.be.to_numpy(self.be.linear(self.norm(x), self.lm_head))

@@ -18,6 +18,11 @@ class SamplingParams:
     stop_token_ids: tuple = ()  # besides the model's EOS ids
     logprobs: int = 0  # top-N logprobs kept per generated token
 
+    @classmethod
+    def from_json(cls, d):
+        """From dataclasses.asdict() sent as JSON (lists back to tuples)."""
+        return cls(**{**d, "stop": tuple(d["stop"]), "stop_token_ids": tuple(d["stop_token_ids"])})
+
     def override(self, mapping):
         """A copy with the keys of `mapping` (a TOML table or JSON object) replaced, each one
         checked. Raises ValueError naming the key; callers add the file and line."""

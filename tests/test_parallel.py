@@ -1,6 +1,6 @@
-"""Tensor parallelism under real `mpiexec`: every TP layout (with data parallel replicas
-beside it) gives the same tokens as one rank, log-probabilities within 1e-5 relative, and the
-all-reduce traffic of the chapter's ring formula."""
+"""Tensor and pipeline parallelism under real `mpiexec`: every layout (with data parallel
+replicas beside it) gives the same tokens as one rank, log-probabilities within 1e-5
+relative, and the traffic of the chapter's formulas (ring all-reduce, d*b per stage boundary)."""
 
 import json
 import os
@@ -11,9 +11,11 @@ import pytest
 from test_run import mpinfer, prompt_lines, write_job
 
 from mpinfer.io.results import read_rows
+from mpinfer.mapping import stage_layers
 
 
 def run_rows(folder, model, ranks, *sets, env=None, n=12):
+    """Rows of a 12-request job (greedy and seeded sampling, top-2 logprobs) on `ranks` ranks."""
     job, out = write_job(folder, model, prompt_lines(n, seed=3), sampling={"max_new_tokens": 6, "logprobs": 2})
     done = mpinfer(ranks, "run", job, *[x for s in sets for x in ("--set", s)], env=env)
     assert done.returncode == 0, done.stderr
@@ -43,36 +45,50 @@ def reference(tiny_model, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("arch, ranks, tp", [
-    ("llama", 2, 2),          # 6 heads, 2 KV heads: one KV head per rank
-    ("llama", 4, 2),          # dp 2 x tp 2
-    ("mistral", 2, 2),        # sliding window
-    ("qwen2", 2, 2),          # QKV bias, mixed windows
-    ("llama_bias", 3, 1),     # dp 3 (no TP), biases and tied head
-    ("qwen3", 4, 4),          # 4 heads, 2 KV heads: each KV head held by 2 ranks; q/k norm
-    ("llama_gguf", 4, 2),     # tied embeddings: vocab-parallel head = embedding rows
+@pytest.mark.parametrize("arch, ranks, tp, pp", [
+    ("llama", 2, 2, 1),          # 6 heads, 2 KV heads: one KV head per rank
+    ("llama", 4, 2, 1),          # dp 2 x tp 2
+    ("mistral", 2, 2, 1),        # sliding window
+    ("qwen2", 2, 2, 1),          # QKV bias, mixed windows
+    ("llama_bias", 3, 1, 1),     # dp 3 (no TP), biases and tied head
+    ("qwen3", 4, 4, 1),          # 4 heads, 2 KV heads: each KV head held by 2 ranks; q/k norm
+    ("llama_gguf", 4, 2, 1),     # tied embeddings: vocab-parallel head = embedding rows
+    ("llama", 2, 1, 2),          # 3 layers: stages of 1 and 2 (embedding and head count as layers)
+    ("mistral", 3, 1, 3),
+    ("qwen2", 4, 1, 4),          # the last stage holds no layer, only the head
+    ("llama_bias", 4, 1, 2),     # dp 2 x pp 2, tied head on the last stage
+    ("qwen3", 4, 2, 2),          # pp 2 x tp 2
+    ("llama", 8, 2, 2),          # dp 2 x pp 2 x tp 2 on two "nodes" of 4 ranks
+    ("mistral", 6, 2, 3),        # pp 3 x tp 2
 ])
-def test_tp_layouts_match_one_rank(tiny_model, reference, tmp_path, arch, ranks, tp):
-    rows, out = run_rows(tmp_path, tiny_model(arch), ranks, f"parallel.tp={tp}")
+def test_layouts_match_one_rank(tiny_model, reference, tmp_path, arch, ranks, tp, pp):
+    env = {"MPINFER_RANKS_PER_NODE": "4"} if ranks == 8 else None
+    rows, out = run_rows(tmp_path, tiny_model(arch), ranks, f"parallel.tp={tp}", f"parallel.pp={pp}", env=env)
     assert_same(rows, reference(arch))
     with h5py.File(out, "r") as f:
         layout = json.loads(f.attrs["layout"])
-        assert (layout["tp"], layout["dp"]) == (tp, ranks // tp)
-        if tp > 1:  # rank 0's TP group: two all-reduces per layer and one for the embedding per step
-            layers = json.loads(f.attrs["model"])["num_layers"]
-            assert f.attrs["comm.tp.all_reduce.calls"] % (2 * layers + 1) == 0
+        assert (layout["tp"], layout["pp"], layout["dp"]) == (tp, pp, ranks // tp // pp)
+        if tp > 1:  # rank 0's TP group: two all-reduces per layer of its stage and one for the embedding per step
+            first, last = stage_layers(json.loads(f.attrs["model"])["num_layers"], pp)[0]
+            assert f.attrs["comm.tp.all_reduce.calls"] % (2 * (last - first) + 1) == 0
             assert f.attrs["comm.tp.all_reduce.ring_bytes"] == pytest.approx(
                 2 * (tp - 1) / tp * f.attrs["comm.tp.all_reduce.bytes"])
 
 
-def test_ring_bytes_per_token_on_one_replica(tiny_model, tmp_path):
-    """With one replica every fed token passes every all-reduce exactly once."""
-    rows, out = run_rows(tmp_path, tiny_model("llama"), 2, "parallel.tp=2")
+def test_traffic_per_token_on_one_replica(tiny_model, tmp_path):
+    """With one replica every fed token passes every all-reduce once and crosses the stage
+    boundary once: 2 all-reduces per layer (+1 for the embedding) of d * 4 bytes each, ring
+    bytes 2(T-1)/T of that, and d * 4 bytes sent from stage 0 to stage 1."""
+    rows, out = run_rows(tmp_path, tiny_model("llama"), 4, "parallel.tp=2", "parallel.pp=2")
     with h5py.File(out, "r") as f:
         cfg = json.loads(f.attrs["model"])
         fed = sum(len(p) + len(o) - 1 for p, o in zip(rows["prompt_ids"], rows["output_ids"]))
-        assert f.attrs["comm.tp.all_reduce.bytes"] == (2 * cfg["num_layers"] + 1) * cfg["hidden_size"] * 4 * fed
+        d_bytes = cfg["hidden_size"] * 4
+        first, last = stage_layers(cfg["num_layers"], 2)[0]  # rank 0's stage
+        assert f.attrs["comm.tp.all_reduce.bytes"] == (2 * (last - first) + 1) * d_bytes * fed
         assert f.attrs["comm.tp.all_reduce.ring_bytes"] == f.attrs["comm.tp.all_reduce.bytes"]  # 2(2-1)/2 = 1
+        assert f.attrs["comm.pp.send.bytes"] == d_bytes * fed
+        assert f.attrs["pp.micro_batches"] == 2 and 0 <= f.attrs["pp.idle_fraction"] < 1
 
 
 @pytest.mark.parametrize("sets, env, expected", [
@@ -89,15 +105,29 @@ def test_bad_layouts_are_refused(tiny_model, tmp_path, sets, env, expected):
     assert not out.exists()
 
 
-def test_smollm2_tp3_matches_one_rank(smollm2, tmp_path):
-    """The real model: 9 heads and 3 KV heads over 3 ranks, vocabulary 49152 / 3."""
+@pytest.fixture(scope="module")
+def smollm2_rows(smollm2, tmp_path_factory):
+    """A chat prompt and a plain prompt on SmolLM2, one rank; and a runner for other layouts."""
     lines = [{"id": "a", "messages": [{"role": "user", "content": "What is the capital of France?"}]},
              {"id": "b", "prompt": "The three laws of thermodynamics are"}]
-    rows = {}
-    for ranks in (1, 3):
-        job, out = write_job(tmp_path / str(ranks), smollm2, lines, sampling={"max_new_tokens": 8, "logprobs": 2})
-        done = mpinfer(ranks, "run", job, "--set", f"parallel.tp={ranks}")
+
+    def run(ranks, *sets):
+        job, out = write_job(tmp_path_factory.mktemp("smol"), smollm2, lines, sampling={"max_new_tokens": 8, "logprobs": 2})
+        done = mpinfer(ranks, "run", job, *[x for s in sets for x in ("--set", s)])
         assert done.returncode == 0, done.stderr
-        rows[ranks] = read_rows(out)
-    assert_same(rows[3], rows[1])
-    assert rows[1]["output_text"][0] == "The capital of France is Paris."
+        return read_rows(out)
+
+    reference = run(1)
+    assert reference["output_text"][0] == "The capital of France is Paris."
+    return reference, run
+
+
+@pytest.mark.parametrize("ranks, sets", [
+    (3, ["parallel.tp=3"]),                      # 9 heads and 3 KV heads over 3 ranks, vocabulary 49152 / 3
+    (2, ["parallel.pp=2"]),                      # 30 layers: 15 + 15
+    (3, ["parallel.pp=3"]),
+    (6, ["parallel.tp=3", "parallel.pp=2"]),
+])
+def test_smollm2_layouts_match_one_rank(smollm2_rows, ranks, sets):
+    reference, run = smollm2_rows
+    assert_same(run(ranks, *sets), reference)

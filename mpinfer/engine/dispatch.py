@@ -90,9 +90,7 @@ def encode_request(r):
 
 
 def decode_request(d):
-    s = d["sampling"]
-    params = SamplingParams(**{**s, "stop": tuple(s["stop"]), "stop_token_ids": tuple(s["stop_token_ids"])})
-    return Request(d["index"], d["id"], np.asarray(d["prompt_ids"], np.int32), params)
+    return Request(d["index"], d["id"], np.asarray(d["prompt_ids"], np.int32), SamplingParams.from_json(d["sampling"]))
 
 
 def plain(record):

@@ -2,6 +2,7 @@
 dispatch thread (dispatch.py), the results file on a writer thread, and the end of the job:
 final flush, metrics, `complete`, and the exit code every rank returns."""
 
+import json
 import os
 import queue
 import threading
@@ -89,6 +90,10 @@ def lead(job, setup, topo, replica, comm, stop, t0):
         elapsed = time.perf_counter() - t0  # wall_s and the throughput from the same clock reading
         metrics = {**_metrics(read_rows(job.output_path), results.wall_s_before + elapsed), "startup_s": startup,
                    **{f"comm.{k}": v for k, v in topo.counters().items()}}  # rank 0's groups
+        if topo.pp.size > 1:  # how busy each stage of rank 0's pipeline was while it ran
+            busy = np.array(replica.pipe.stage_busy_s)
+            metrics |= {"pp.micro_batches": len(replica.schedulers), "pp.stage_busy_s": json.dumps(busy.tolist()),
+                        "pp.idle_fraction": float(1 - busy.mean() / replica.run_s)}
         results.finish(elapsed, metrics)
         os.remove(job.output_path + ".lock")  # still held: no other run can be waiting on it
         code = EXIT_OK

@@ -10,6 +10,7 @@ the same order (their schedulers run in lockstep). With no group it is plain Num
 
 import numpy as np
 
+from . import sampling
 from .sampling import top_ids
 
 
@@ -61,3 +62,26 @@ class VocabShards:
         """(len(which), V) full logits of some rows (gathered from every rank)."""
         part = self._gather(self.local[which])  # (P, k, V/P)
         return np.concatenate(list(part), axis=-1)
+
+
+def choose(logits, wants):
+    """The next token of each row: wants[i] = (SamplingParams, request key, step). Returns
+    JSON-able lists: tokens, their log-probabilities, and the top-N ids and log-probabilities
+    each row asked for (empty lists for N = 0). Collective over the TP group."""
+    lse = logits.logsumexp()  # (R,)
+    tokens = logits.argmax()  # greedy
+    sampled = [i for i, (params, _, _) in enumerate(wants) if params.temperature > 0]
+    if sampled:  # filtered sampling needs the whole distribution of those rows
+        for i, row in zip(sampled, logits.rows(sampled)):
+            params, key, step = wants[i]
+            tokens[i] = sampling.sample(row, params, key, step)
+    chosen = logits.values(tokens) - lse
+    n_top = max(params.logprobs for params, _, _ in wants)
+    top_ids, top_lps = [[] for _ in wants], [[] for _ in wants]
+    if n_top:
+        ids, values = logits.top(n_top)
+        lps = (values - lse[:, None]).astype(np.float32)
+        for i, (params, _, _) in enumerate(wants):
+            top_ids[i] = ids[i, : params.logprobs].tolist()
+            top_lps[i] = lps[i, : params.logprobs].tolist()
+    return {"tokens": tokens.tolist(), "logprobs": chosen.tolist(), "top_ids": top_ids, "top_logprobs": top_lps}

@@ -29,12 +29,14 @@ from ..io.results import ResultsFile, lock
 from ..job import load_job
 from ..kvcache import PagedKVCache
 from ..layers import check_tp
+from ..mapping import stage_layers
 from ..model import Decoder
 from ..tokenizer import load_tokenizer
 from ..topology import Topology
 from ..weights import open_checkpoint
 from . import dispatch
 from .lead import lead
+from .pipeline import LocalPipe, Pipe, Replica, run_stage
 from .scheduler import Scheduler
 
 
@@ -74,24 +76,42 @@ def run_job(job_file, overrides, skip_invalid=False, overwrite=False, comm=MPI.C
         if comm.rank == 0:
             print(f"mpinfer: {job.output_path} is already complete; nothing to run", flush=True)
         return EXIT_OK
+    m, eng = topo.mapping, job.engine
     try:
         ckpt = setup["ckpt"] if comm.rank == 0 else open_checkpoint(job.model_path)
         tokenizer = setup["tokenizer"] if comm.rank == 0 else load_tokenizer(job.model_path, ckpt)
-        model = Decoder(ckpt, get_backend(job.engine.backend), topo.tp)  # reads only this rank's slices
+        # each rank reads only its slices: its TP part of its pipeline stage's layers
+        model = Decoder(ckpt, get_backend(eng.backend), topo.tp, m.layer_range(ckpt.config.num_layers))
     except UserError as e:  # e.g. a weight file truncated after its header
         problem = str(e)
     if _any_problem(comm, problem):
         return EXIT_BAD_INPUT
-    pool = PagedKVCache.for_model(model, job.engine.kv_cache_gb * 2**30, job.engine.block_size)
-    scheduler = Scheduler(model, tokenizer, pool, job.engine.max_batch_tokens, job.engine.max_seqs)
-    replica = Replica(scheduler, topo.tp, stop)
+    pool = PagedKVCache.for_model(model, eng.kv_cache_gb * 2**30, eng.block_size, _largest_stage(m, model.config))
     try:
-        if comm.rank == 0:
-            return lead(job, setup, topo, replica, comm, stop, t0)
-        replica.run(dispatch.RemoteQueue(comm) if topo.tp.rank == 0 else None)
+        if m.pp_rank > 0:
+            run_stage(model, pool, topo.pp)
+        else:
+            replica = _replica(job, model, tokenizer, pool, topo, stop)
+            if comm.rank == 0:
+                return lead(job, setup, topo, replica, comm, stop, t0)
+            replica.run(dispatch.RemoteQueue(comm) if m.tp_rank == 0 else None)
         return dispatch.poll(comm, 0, dispatch.FINAL, block=True)[2]["code"]
     except UserError as e:  # after the start every failure ends the whole job (the CLI aborts)
         raise RuntimeError(str(e)) from None
+
+
+def _replica(job, model, tokenizer, pool, topo, stop):
+    """The first stage of a replica: micro_batches schedulers (1 without a pipeline) sharing
+    the KV pool and the engine's limits."""
+    e, pp = job.engine, topo.pp
+    m = job.parallel.micro_batches or pp.size if pp.size > 1 else 1
+    schedulers = [Scheduler(model, tokenizer, pool, e.max_batch_tokens, max(1, e.max_seqs // m)) for _ in range(m)]
+    pipe = Pipe(model, pp) if pp.size > 1 else LocalPipe(model)
+    return Replica(schedulers, pipe, topo.tp, stop)
+
+
+def _largest_stage(mapping, cfg):
+    return max(b - a for a, b in stage_layers(cfg.num_layers, mapping.pp))
 
 
 def _any_problem(comm, problem):
@@ -105,10 +125,10 @@ def _any_problem(comm, problem):
 
 
 def _prepare(job, topo, skip_invalid, overwrite):
-    for key in ("pp", "ep", "cp"):
+    for key in ("ep", "cp"):
         if getattr(job.parallel, key) != 1:
-            raise UserError(f"parallel.{key} = {getattr(job.parallel, key)}: only data and tensor parallelism "
-                            "(pp = ep = cp = 1) are available in this version")
+            raise UserError(f"parallel.{key} = {getattr(job.parallel, key)}: only data, tensor and pipeline "
+                            "parallelism (ep = cp = 1) are available in this version")
     ckpt = open_checkpoint(job.model_path)
     cfg = ckpt.config
     check_tp(cfg, job.parallel.tp)
@@ -132,59 +152,13 @@ def _check_kv_capacity(job, cfg, requests):
     """Refuse, before any compute, a request that could never fit the replica's KV cache."""
     e = job.engine
     kv_heads = max(1, cfg.num_kv_heads // job.parallel.tp)  # per rank
-    capacity = PagedKVCache.blocks_for_bytes(cfg, kv_heads, e.kv_cache_gb * 2**30, e.block_size) * e.block_size
+    layers = max(b - a for a, b in stage_layers(cfg.num_layers, job.parallel.pp))
+    capacity = PagedKVCache.blocks_for_bytes(cfg, layers, kv_heads, e.kv_cache_gb * 2**30, e.block_size) * e.block_size
     for r in requests:
         need = min(len(r.prompt_ids) + r.sampling.max_new_tokens, cfg.max_position)
         if r.error is None and need > capacity:
             raise UserError(f"{job.path}: engine.kv_cache_gb = {e.kv_cache_gb} holds {capacity} tokens per replica, "
                             f"but request {r.id!r} (line {r.index + 1}) may need {need}; raise engine.kv_cache_gb")
-
-
-class Replica:
-    """One data-parallel replica: a TP group of ranks running one scheduler in lockstep.
-    The group's first rank (the leader) talks to rank 0's queue and broadcasts, before each
-    step, the requests it got and whether to stop; every rank of the group then makes the
-    same scheduling decisions and takes part in the same collectives."""
-
-    def __init__(self, scheduler, tp, stop):
-        self.scheduler, self.tp, self.stop = scheduler, tp, stop
-
-    def run(self, queue):
-        """queue: the dispatch queue on the leader, None on the other ranks of the group.
-        Steps until the queue is drained and everything taken is finished, or until told
-        to stop (the unfinished requests are left for the next run)."""
-        sched = self.scheduler
-        low_water = max(4, sched.max_seqs // 8)
-        while True:
-            if queue is not None:
-                queue.check(self.stop)
-                new = []
-                room = sched.max_seqs - len(sched.running) - len(sched.waiting)
-                if not self.stop.is_set() and not queue.drained and len(sched.waiting) < low_water and room > 0:
-                    new = queue.take(room, block=sched.idle)
-                order = {"stop": self.stop.is_set(), "drained": queue.drained, "requests": new}
-            else:
-                order = None
-            order = self._share(order)
-            sched.add(order["requests"])
-            if order["stop"] or (sched.idle and order["drained"]):
-                break
-            if sched.idle:
-                continue
-            finished = sched.step()  # collective over the TP group
-            if finished and queue is not None:
-                queue.put(finished, sched.generated)
-        if queue is not None:
-            queue.close(sched.generated, order["stop"])
-
-    def _share(self, order):
-        """The leader's order, on every rank of the group (JSON over the TP communicator)."""
-        if self.tp.size == 1:
-            return order
-        if order is not None:
-            order = {**order, "requests": [dispatch.encode_request(r) for r in order["requests"]]}
-        order = dispatch.bcast(self.tp.comm, order)
-        return {**order, "requests": [dispatch.decode_request(d) for d in order["requests"]]}
 
 
 def _model_identity(path, cfg):

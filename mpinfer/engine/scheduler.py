@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from . import sampling
-from .logits import VocabShards
+from .logits import VocabShards, choose
 
 
 class Sequence:
@@ -38,6 +38,23 @@ class Sequence:
     def todo(self):
         """Tokens not yet in the KV cache (the whole prompt at first, then 1 per step)."""
         return len(self.tokens) - self.cache.length
+
+
+class Plan:
+    """One step of a scheduler: scheduled [(sequence, new tokens)], the new token ids
+    concatenated, the cache geometry (batch), and the sequences whose input this step
+    completes (done; their last new token is at last_tokens of the step): they get a token."""
+
+    def __init__(self, scheduled, batch):
+        self.scheduled, self.batch = scheduled, batch
+        self.ids = np.concatenate([seq.tokens[seq.cache.length : seq.cache.length + n] for seq, n in scheduled])
+        rows = [i for i, (seq, n) in enumerate(scheduled) if seq.cache.length + n == len(seq.tokens)]
+        self.done = [scheduled[i][0] for i in rows]
+        self.last_tokens = (np.cumsum(batch.q_lens) - 1)[rows]  # their last new token in the step
+
+    def wants(self):
+        """(params, request key, step) of each done sequence, for logits.choose()."""
+        return [(seq.params, seq.key, len(seq.output)) for seq in self.done]
 
 
 class Scheduler:
@@ -60,25 +77,50 @@ class Scheduler:
 
     def step(self):
         """Run one forward pass; return the records of the requests it finished."""
+        plan = self.plan()
+        if plan is None:
+            return []
+        model = self.model
+        x = model.run_layers(model.embed_tokens(plan.ids), plan.batch)  # (T, D)
+        plan.batch.commit()
+        if not plan.done:
+            return []
+        logits = model.logits(x[plan.last_tokens])  # (R, V/P): only the sequences that get a token
+        return self.complete(plan, choose(VocabShards(logits, model.vocab_offset, model.tp.group), plan.wants()))
+
+    def plan(self):
+        """The next step's work (the KV blocks it needs reserved), or None when there is none."""
         scheduled = self._schedule()
         if not scheduled:
-            if self.waiting:  # a single prompt needs more blocks than the whole pool has
+            if self.waiting and len(self.pool.free) == self.pool.num_blocks:  # alone, and still no room
                 seq = self.waiting[0]
                 raise MemoryError(f"request {seq.request.id!r}: {len(seq.tokens)} tokens do not fit the KV cache "
                                   f"({self.pool.num_blocks} blocks of {self.pool.block_size}); raise engine.kv_cache_gb")
-            return []
-        ids = np.concatenate([seq.tokens[seq.cache.length : seq.cache.length + n] for seq, n in scheduled])
-        logits = self.model.forward(ids, [seq.cache for seq, _ in scheduled], [n for _, n in scheduled])  # (B, V/P)
-        done = [(seq, row) for row, (seq, _) in enumerate(scheduled) if seq.todo == 0]
-        if not done:
-            return []
-        self._sample([seq for seq, _ in done], VocabShards(logits[[row for _, row in done]], self.model.vocab_offset,
-                                                           self.model.tp.group))
-        finished = []
+            return None
+        return Plan(scheduled, self.pool.batch([seq.cache for seq, _ in scheduled], [n for _, n in scheduled]))
+
+    def complete(self, plan, chosen):
+        """Take the tokens chosen for plan.done (logits.choose()) and apply the stop rules;
+        return the records of the requests that finished. (The forward pass of the plan
+        has committed its K/V.)"""
         now = time.perf_counter()
-        for seq, _ in done:
+        finished = []
+        for i, seq in enumerate(plan.done):
+            p, token = seq.params, int(chosen["tokens"][i])
+            seq.tokens.append(token)
+            seq.output.append(token)
+            seq.logprobs.append(float(chosen["logprobs"][i]))
+            seq.top_ids.extend(chosen["top_ids"][i])
+            seq.top_logprobs.extend(chosen["top_logprobs"][i])
+            self.generated += 1
             if seq.t_first is None:
                 seq.t_first = now
+            if token in self.eos or token in p.stop_token_ids:
+                seq.finish_reason = "stop"
+            elif p.stop and self._cut_at_stop(seq):
+                seq.finish_reason, seq.cut = "stop", True
+            elif len(seq.output) >= p.max_new_tokens or len(seq.tokens) >= self.context:
+                seq.finish_reason = "length"
             if seq.finish_reason:
                 self.running.remove(seq)
                 self.pool.release(seq.cache)
@@ -118,37 +160,6 @@ class Scheduler:
         self.running.remove(seq)
         self.pool.release(seq.cache)  # recomputed from its tokens when readmitted
         self.waiting.appendleft(seq)
-
-    def _sample(self, seqs, logits):
-        """Next token of each sequence from its row of logits (VocabShards, R rows), with
-        its log-probability and the top-N asked for; then the stop rules."""
-        lse = logits.logsumexp()  # (R,)
-        tokens = logits.argmax()  # greedy
-        sampled = [i for i, seq in enumerate(seqs) if seq.params.temperature > 0]
-        if sampled:  # filtered sampling needs the whole distribution of those rows
-            for i, row in zip(sampled, logits.rows(sampled)):
-                seq = seqs[i]
-                tokens[i] = sampling.sample(row, seq.params, seq.key, len(seq.output))
-        chosen = logits.values(tokens) - lse
-        n_top = max(seq.params.logprobs for seq in seqs)
-        if n_top:
-            top_ids, top_values = logits.top(n_top)
-            top_lps = (top_values - lse[:, None]).astype(np.float32)
-        for i, seq in enumerate(seqs):
-            p, token = seq.params, int(tokens[i])
-            seq.tokens.append(token)
-            seq.output.append(token)
-            seq.logprobs.append(float(chosen[i]))
-            if p.logprobs:
-                seq.top_ids.extend(int(t) for t in top_ids[i, : p.logprobs])
-                seq.top_logprobs.extend(float(x) for x in top_lps[i, : p.logprobs])
-            self.generated += 1
-            if token in self.eos or token in p.stop_token_ids:
-                seq.finish_reason = "stop"
-            elif p.stop and self._cut_at_stop(seq):
-                seq.finish_reason, seq.cut = "stop", True
-            elif len(seq.output) >= p.max_new_tokens or len(seq.tokens) >= self.context:
-                seq.finish_reason = "length"
 
     def _cut_at_stop(self, seq):
         """True when a stop string appeared; seq.text is then cut before its first one. A stop

@@ -48,7 +48,7 @@ QUESTIONS = [form.format(topic) for form in FORMS for topic in TOPICS]  # 64
 
 
 def ours(model, tokenizer, prompts):
-    pool = PagedKVCache.for_model(model, 2**30, 16)
+    pool = PagedKVCache.for_model(model, 2**30, 16, model.config.num_layers)
     sched = Scheduler(model, tokenizer, pool, max_batch_tokens=512, max_seqs=128)
     sched.add([Request(i, str(i), np.asarray(p, np.int32), SamplingParams(max_new_tokens=NEW)) for i, p in enumerate(prompts)])
     out = {}
