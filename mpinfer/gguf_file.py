@@ -83,6 +83,7 @@ class GGUFCheckpoint(Checkpoint):
     def _read(self, name, rows):
         t = self._tensors[name]
         data = t.data if rows is None else t.data[rows]
+        self.bytes_read += data.nbytes  # quantized bytes, as stored
         try:
             array = np.ascontiguousarray(_dequantize(data, t.tensor_type), dtype=np.float32)
         except NotImplementedError:

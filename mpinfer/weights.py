@@ -36,7 +36,10 @@ def open_checkpoint(path):
 
 class Checkpoint:
     """Common part: shape checking before any byte is read. Subclasses set `path`, `config`,
-    and implement `names()`, `_shape(name)` and `_read(name, rows)`."""
+    and implement `names()`, `_shape(name)` and `_read(name, rows)`, adding the tensor bytes
+    they read from the file to `bytes_read`."""
+
+    bytes_read = 0
 
     def get(self, name, shape, rows=None, cols=None):
         if name not in self.names():
@@ -102,7 +105,9 @@ class SafetensorsCheckpoint(Checkpoint):
         return self._open(self._file[name]).shape(name)
 
     def _read(self, name, rows):
-        return self._open(self._file[name]).read(name, rows)
+        array, nbytes = self._open(self._file[name]).read(name, rows)
+        self.bytes_read += nbytes
+        return array
 
 
 class _SafetensorsFile:
@@ -121,11 +126,13 @@ class _SafetensorsFile:
         return self.handle.get_slice(name).get_shape()
 
     def read(self, name, rows):
+        """(float32 array, bytes read from the file)."""
         part = self.handle.get_slice(name)
         if part.get_dtype() == "BF16":
-            return self._read_bf16(name, rows)
+            array = self._read_bf16(name, rows)
+            return array, array.nbytes // 2
         array = part[rows] if rows is not None else self.handle.get_tensor(name)
-        return np.ascontiguousarray(array, dtype=np.float32)
+        return np.ascontiguousarray(array, dtype=np.float32), array.nbytes
 
     def _read_bf16(self, name, rows):
         if self._bf16 is None:

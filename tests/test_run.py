@@ -131,9 +131,10 @@ def rank_pids(job):
     return ranks
 
 
-def start_and_wait_for_rows(job, out, ranks=2, rows=2):
+def start_and_wait_for_rows(job, out, ranks=2, rows=2, sets=()):
     """Start `mpinfer run job` on `ranks` ranks; return once the results file holds `rows`."""
     cmd = [os.path.join(BIN, "mpiexec"), "-n", str(ranks), os.path.join(BIN, "mpinfer"), "run", str(job)]
+    cmd += [x for s in sets for x in ("--set", s)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -177,11 +178,13 @@ def test_kill9_then_resume(model, slow_job, tmp_path, victim):
     assert rows_by_id(out) == reference
 
 
-def test_sigterm_stops_resumably(model, slow_job, tmp_path):
-    """SLURM's time limit: SIGTERM to every rank; exit code 75, nothing lost, rerun completes."""
+@pytest.mark.parametrize("ranks, sets", [(2, ()), (4, ("parallel.tp=2", "parallel.pp=2"))])
+def test_sigterm_stops_resumably(model, slow_job, tmp_path, ranks, sets):
+    """SLURM's time limit: SIGTERM to every rank; exit code 75, nothing lost, rerun completes
+    (also with a pipeline of tensor-parallel stages, which drains its micro-batches first)."""
     settings, reference = slow_job
     job, out = write_job(tmp_path, model, prompt_lines(80, seed=7), **settings)
-    proc, pids = start_and_wait_for_rows(job, out)
+    proc, pids = start_and_wait_for_rows(job, out, ranks, sets=sets)
     for pid in pids.values():
         os.kill(pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=60)

@@ -26,6 +26,7 @@ class NumpyBackend:
 
     def __init__(self, threads=None):
         threads = threads or int(os.environ.get("OPENBLAS_NUM_THREADS") or len(os.sched_getaffinity(0)))
+        self.weight_bytes = 0  # of every weight() kept: what this rank holds of the model
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="mpinfer-numpy") if threads > 1 else None
 
     def _each(self, fn, tasks):
@@ -39,7 +40,9 @@ class NumpyBackend:
 
     def weight(self, array):
         """A checkpoint tensor as this backend keeps it (here: contiguous float32)."""
-        return np.ascontiguousarray(array, dtype=np.float32)
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        self.weight_bytes += array.nbytes
+        return array
 
     def to_numpy(self, x):
         return x

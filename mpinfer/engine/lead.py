@@ -53,10 +53,10 @@ class Writer(threading.Thread):
             raise RuntimeError("the results writer failed") from self.error
 
 
-def lead(job, setup, topo, replica, comm, stop, t0):
+def lead(job, setup, topo, replica, comm, stop, t0, loaded):
     """Rank 0's part of run_job; returns the exit code (sent to every rank). replica:
-    runner.Replica, rank 0's own; topo: its Topology (the leaders of all replicas are the
-    ranks of its data-parallel group)."""
+    pipeline.Replica, rank 0's own; topo: its Topology (the leaders of all replicas are the
+    ranks of its data-parallel group); loaded: every rank's memory and bytes read at load."""
     results, total = setup["results"], setup["total"]
     progress = Progress(total, len(results.done))
     writer = Writer(results, job.engine.flush_seconds, t0)
@@ -90,6 +90,7 @@ def lead(job, setup, topo, replica, comm, stop, t0):
         elapsed = time.perf_counter() - t0  # wall_s and the throughput from the same clock reading
         metrics = {**_metrics(read_rows(job.output_path), results.wall_s_before + elapsed), "startup_s": startup,
                    **{f"comm.{k}": v for k, v in topo.counters().items()}}  # rank 0's groups
+        metrics["ranks.loaded"] = json.dumps(loaded)  # per rank: weights, KV cache, peak RSS, bytes read (MiB)
         if topo.pp.size > 1:  # how busy each stage of rank 0's pipeline was while it ran
             busy = np.array(replica.pipe.stage_busy_s)
             metrics |= {"pp.micro_batches": len(replica.schedulers), "pp.stage_busy_s": json.dumps(busy.tolist()),

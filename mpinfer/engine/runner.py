@@ -87,13 +87,14 @@ def run_job(job_file, overrides, skip_invalid=False, overwrite=False, comm=MPI.C
     if _any_problem(comm, problem):
         return EXIT_BAD_INPUT
     pool = PagedKVCache.for_model(model, eng.kv_cache_gb * 2**30, eng.block_size, _largest_stage(m, model.config))
+    loaded = dispatch.allgather(comm, _load_stats(model, pool, ckpt))  # what each rank holds: into the metrics
     try:
         if m.pp_rank > 0:
             run_stage(model, pool, topo.pp)
         else:
             replica = _replica(job, model, tokenizer, pool, topo, stop)
             if comm.rank == 0:
-                return lead(job, setup, topo, replica, comm, stop, t0)
+                return lead(job, setup, topo, replica, comm, stop, t0, loaded)
             replica.run(dispatch.RemoteQueue(comm) if m.tp_rank == 0 else None)
         return dispatch.poll(comm, 0, dispatch.FINAL, block=True)[2]["code"]
     except UserError as e:  # after the start every failure ends the whole job (the CLI aborts)
@@ -108,6 +109,15 @@ def _replica(job, model, tokenizer, pool, topo, stop):
     schedulers = [Scheduler(model, tokenizer, pool, e.max_batch_tokens, max(1, e.max_seqs // m)) for _ in range(m)]
     pipe = Pipe(model, pp) if pp.size > 1 else LocalPipe(model)
     return Replica(schedulers, pipe, topo.tp, stop)
+
+
+def _load_stats(model, pool, ckpt):
+    """This rank after loading, in MiB: weights held, KV cache, peak resident memory, tensor
+    bytes read from the checkpoint (a tensor-parallel or pipeline rank reads its slices)."""
+    status = open("/proc/self/status").read()
+    peak_kb = int(status.split("VmHWM:")[1].split()[0])
+    return {"weights_mib": model.be.weight_bytes / 2**20, "kv_cache_mib": (sum(k.nbytes for k in pool.k) * 2) / 2**20,
+            "peak_rss_mib": peak_kb / 1024, "read_mib": ckpt.bytes_read / 2**20}
 
 
 def _largest_stage(mapping, cfg):
