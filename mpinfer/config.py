@@ -6,6 +6,8 @@ The architectures differ only in options of the one model (see model.py):
   mistral  llama + sliding-window attention
   qwen2    llama + bias on q/k/v, sliding window on some layers when configured
   qwen3    llama + per-head RMSNorm on q and k, head_dim independent of hidden_size
+  mixtral, qwen2_moe, qwen3_moe   mistral, qwen2, qwen3 with routed experts in place of the
+           MLP (layers.MoE); Qwen2-MoE adds a sigmoid-gated shared expert
 """
 
 import dataclasses
@@ -14,7 +16,8 @@ import os
 
 from .errors import UserError
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+FAMILY = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}  # the dense model an MoE extends
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -50,6 +53,13 @@ class ModelConfig:
     sliding_windows: tuple = ()
     bos_token_id: int | None = None
     eos_token_ids: tuple = ()
+    # Mixture of experts (layers.MoE): 0 experts = a dense MLP in every layer
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_size: int = 0  # intermediate size of one expert
+    norm_topk_prob: bool = True  # renormalise the chosen experts' probabilities to sum 1
+    shared_expert_size: int = 0  # Qwen2-MoE's shared expert, 0 = none
+    moe_layers: tuple = ()  # per layer: True where the MLP is the MoE block
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -93,6 +103,7 @@ def _hf_config(raw, path):
         raise UserError(f"{path}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
     attention_bias = bool(raw.get("attention_bias", False))
     eos = raw.get("eos_token_id")
+    family = FAMILY.get(arch, arch)
     return ModelConfig(
         arch=arch,
         vocab_size=int(need("vocab_size")),
@@ -106,14 +117,31 @@ def _hf_config(raw, path):
         rope=_hf_rope(raw, path),
         max_position=int(raw.get("max_position_embeddings", 4096)),
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        qkv_bias=arch == "qwen2" or attention_bias,
-        o_bias=arch != "qwen2" and attention_bias,
+        qkv_bias=family == "qwen2" or attention_bias,
+        o_bias=family != "qwen2" and attention_bias,
         mlp_bias=bool(raw.get("mlp_bias", False)),
-        qk_norm=arch == "qwen3",
-        sliding_windows=_hf_windows(raw, arch, layers),
+        qk_norm=family == "qwen3",
+        sliding_windows=_hf_windows(raw, family, layers),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+        **_hf_moe(raw, arch, layers),
     )
+
+
+def _hf_moe(raw, arch, layers):
+    """The MoE fields of ModelConfig, as each architecture's transformers class reads them."""
+    if arch == "mixtral":
+        return dict(num_experts=int(raw["num_local_experts"]), experts_per_token=int(raw["num_experts_per_tok"]),
+                    expert_size=int(raw["intermediate_size"]), norm_topk_prob=True, moe_layers=(True,) * layers)
+    if arch in ("qwen2_moe", "qwen3_moe"):
+        # real checkpoints say num_experts; transformers 5 writes num_local_experts for Qwen3-MoE
+        experts = int(raw["num_experts"] if "num_experts" in raw else raw["num_local_experts"])
+        step, dense = int(raw.get("decoder_sparse_step", 1)), raw.get("mlp_only_layers") or []
+        return dict(num_experts=experts, experts_per_token=int(raw["num_experts_per_tok"]),
+                    expert_size=int(raw["moe_intermediate_size"]), norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+                    shared_expert_size=int(raw.get("shared_expert_intermediate_size") or 0) if arch == "qwen2_moe" else 0,
+                    moe_layers=tuple(i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(layers)))
+    return {}
 
 
 def _hf_rope(raw, path):

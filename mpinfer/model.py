@@ -19,7 +19,7 @@ import numpy as np
 
 from . import rope
 from .backend import get_backend
-from .layers import MLP, TP, Attention, RMSNorm, check_tp, kv_heads_of
+from .layers import MLP, TP, Attention, MoE, RMSNorm, check_tp, kv_heads_of
 from .weights import open_checkpoint
 
 
@@ -29,7 +29,8 @@ class Block:
         self.input_norm = RMSNorm(be, ckpt, f"{p}.input_layernorm", cfg.hidden_size, cfg.rms_eps)
         self.attn = Attention(cfg, be, ckpt, layer, tp, slot)
         self.post_attention_norm = RMSNorm(be, ckpt, f"{p}.post_attention_layernorm", cfg.hidden_size, cfg.rms_eps)
-        self.mlp = MLP(cfg, be, ckpt, layer, tp)
+        moe = cfg.moe_layers and cfg.moe_layers[layer]
+        self.mlp = MoE(cfg, be, ckpt, layer, tp) if moe else MLP(cfg, be, ckpt, layer, tp)
 
     def __call__(self, x, cos, sin, kv, batch):
         x = x + self.attn(self.input_norm(x), cos, sin, kv, batch)
@@ -97,6 +98,11 @@ class Decoder:
         for block in self.blocks:
             x = block(x, cos, sin, batch.pool, batch)
         return x
+
+    def expert_load(self):
+        """(MoE layers of this rank, E) routed (token, expert) pairs so far, and their layer ids."""
+        moe = [(self.layers[0] + i, b.mlp.load) for i, b in enumerate(self.blocks) if isinstance(b.mlp, MoE)]
+        return [i for i, _ in moe], np.array([load for _, load in moe]).reshape(len(moe), -1)
 
     def logits(self, x):
         """(R, D) final hidden states -> (R, V/P) float32 logits of this rank's vocabulary rows."""

@@ -23,6 +23,14 @@ ARCHS = {
     "qwen3": dict(head_dim=32, num_attention_heads=4, rope_theta=1e6),
     # every linear a multiple of 32 columns, so GGUF tests can quantize all of them; tied head
     "llama_gguf": dict(intermediate_size=160, tie_word_embeddings=True),
+    # mixtures of experts, top-2: Mixtral (4 experts of the MLP's size, always renormalised),
+    # Qwen2-MoE (6 experts, a gated shared expert, layer 1 dense, no renormalisation),
+    # Qwen3-MoE (8 experts, renormalised, q/k norm)
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6),
+    "qwen2_moe": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=40, shared_expert_intermediate_size=56,
+                      decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=False),
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=40, norm_topk_prob=True, head_dim=32,
+                      num_attention_heads=4, rope_theta=1e6),
 }
 
 
@@ -30,11 +38,11 @@ def build_hf_model(arch, folder, seed=0, **save_kwargs):
     import torch
     import transformers
 
-    family = arch.split("_")[0]
-    config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                  "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
-    model_cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-                 "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM}[family]
+    classes = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "mixtral": "Mixtral",
+               "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe"}
+    name = classes[arch if arch in classes else arch.split("_")[0]]
+    config_cls = getattr(transformers, f"{name}Config")
+    model_cls = getattr(transformers, f"{name}ForCausalLM")
     config = config_cls(**{**TINY, **ARCHS[arch]})
     torch.manual_seed(seed)
     model = model_cls(config).eval()
