@@ -22,6 +22,12 @@ from mpi4py import MPI
 POLL_S = 0.0005
 
 
+def wait(mpi_request, poll_s=POLL_S):
+    """Complete an mpi4py request by polling Test() with sleeps of poll_s (see the module docstring)."""
+    while not mpi_request.Test():
+        time.sleep(poll_s)
+
+
 class Request:
     """A pending send or receive; keeps its buffer alive until wait() returns."""
 
@@ -34,8 +40,7 @@ class Request:
 
     def wait(self):
         """Block until the operation completes, polling (see the module docstring)."""
-        while not self.request.Test():
-            time.sleep(POLL_S)
+        wait(self.request)
 
 
 class Group:

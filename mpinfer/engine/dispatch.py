@@ -25,7 +25,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from ..io.prompts import Request
+from ..comm import Request, wait as wait_polling
+from ..io.prompts import Request as PromptRequest
 from ..params import SamplingParams
 
 ASK, WORK, DONE, BYE, STOP, FINAL = range(1, 7)
@@ -37,9 +38,9 @@ def send(comm, obj, dest, tag):
 
 
 def isend(comm, obj, dest, tag):
-    """Non-blocking send; keep the returned (request, buffer) until the request completes."""
+    """Non-blocking send of obj as JSON; a comm.Request (it keeps the buffer alive)."""
     buf = json.dumps(obj).encode()
-    return comm.Isend(buf, dest=dest, tag=tag), buf
+    return Request(comm.Isend(buf, dest=dest, tag=tag), buf)
 
 
 def poll(comm, source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, block=False):
@@ -54,10 +55,9 @@ def poll(comm, source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, block=False):
     return status.Get_source(), status.Get_tag(), json.loads(buf)
 
 
-def wait(request):
+def wait(mpi_request):
     """Complete a non-blocking MPI request by polling (see the module docstring)."""
-    while not request.Test():
-        time.sleep(POLL_S)
+    wait_polling(mpi_request, POLL_S)
 
 
 def allgather(comm, obj):
@@ -90,7 +90,7 @@ def encode_request(r):
 
 
 def decode_request(d):
-    return Request(d["index"], d["id"], np.asarray(d["prompt_ids"], np.int32), SamplingParams.from_json(d["sampling"]))
+    return PromptRequest(d["index"], d["id"], np.asarray(d["prompt_ids"], np.int32), SamplingParams.from_json(d["sampling"]))
 
 
 def plain(record):
@@ -148,15 +148,15 @@ class Dispatcher:
                 self.generated[source] = obj.get("generated", self.generated[source])
                 if tag == ASK:
                     reply = {"requests": [encode_request(r) for r in self.grant(obj["n"])]}
-                    self.sends = [s for s in self.sends if not s[0].Test()]
+                    self.sends = [s for s in self.sends if not s.test()]
                     self.sends.append(isend(self.comm, reply, source, WORK))
                 elif tag == DONE:
                     self.on_records(obj["records"])
                 elif tag == BYE:
                     self.said_bye(obj["stopped"])
             self._drain_inbox()
-            for request, _ in self.sends:
-                wait(request)
+            for request in self.sends:
+                request.wait()
         except BaseException as e:  # the main thread sees it and aborts the job
             self.error = e
 

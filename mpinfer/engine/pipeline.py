@@ -55,12 +55,29 @@ class LocalPipe:
         pass
 
 
+class _Outbox:
+    """Messages in flight along the pipeline group: a JSON header, then the activations."""
+
+    def __init__(self, pp):
+        self.pp, self.sends = pp, []
+
+    def send(self, dest, tag, header, x=None):
+        self.sends = [r for r in self.sends if not r.test()]
+        self.sends.append(dispatch.isend(self.pp.comm, header, dest, tag))
+        if x is not None:
+            self.sends.append(self.pp.send(x, dest, ACT))
+
+    def drain(self):
+        for request in self.sends:
+            request.wait()
+
+
 class Pipe:
     """The first stage's end of the pipeline. stage_busy_s: seconds each stage computed."""
 
     def __init__(self, model, pp):
         self.model, self.pp = model, pp
-        self.sends = []
+        self.outbox = _Outbox(pp)
         self.stage_busy_s = [0.0] * pp.size
 
     def launch(self, k, plan):
@@ -70,7 +87,7 @@ class Pipe:
         header = {"mb": k, **plan.batch.geometry(), "last_tokens": plan.last_tokens.tolist(),
                   "wants": [[dataclasses.asdict(p), key, step] for p, key, step in plan.wants()],
                   "busy": [time.perf_counter() - t]}
-        self._send(header, x)
+        self.outbox.send(1, HEADER, header, x)
 
     def land(self, k, plan):
         chosen = dispatch.poll(self.pp.comm, self.pp.size - 1, RESULT, block=True)[2]
@@ -79,57 +96,34 @@ class Pipe:
         return chosen
 
     def close(self):
-        self._send({"end": True}, None)
-        for request in self.sends:
-            request.wait()
-
-    def _send(self, header, x):
-        self.sends = [r for r in self.sends if not r.test()]
-        self.sends.append(_Sent(*dispatch.isend(self.pp.comm, header, 1, HEADER)))
-        if x is not None:
-            self.sends.append(self.pp.send(x, 1, ACT))
-
-
-class _Sent:
-    """A JSON isend as a comm.Request-like object."""
-
-    def __init__(self, request, buffer):
-        self.request, self.buffer = request, buffer
-
-    def test(self):
-        return self.request.Test()
-
-    def wait(self):
-        dispatch.wait(self.request)
+        self.outbox.send(1, HEADER, {"end": True})
+        self.outbox.drain()
 
 
 def run_stage(model, pool, pp):
     """A stage after the first: run this stage's layers on every step that arrives, until
     the first stage says it is done."""
     last = pp.rank == pp.size - 1
-    sends = []
+    outbox = _Outbox(pp)
     while True:
         header = dispatch.poll(pp.comm, pp.rank - 1, HEADER, block=True)[2]
         if header.get("end"):
             if not last:
-                sends.append(_Sent(*dispatch.isend(pp.comm, header, pp.rank + 1, HEADER)))
+                outbox.send(pp.rank + 1, HEADER, header)
             break
         request, x = pp.recv((sum(header["q_lens"]), model.config.hidden_size), np.float32, pp.rank - 1, ACT)
         request.wait()
         t = time.perf_counter()
         x = model.run_layers(x, Batch(pool, header["q_lens"], header["kv_lens"], header["tables"]))
-        sends = [r for r in sends if not r.test()]
         if last:
             wants = [(SamplingParams.from_json(p), key, step) for p, key, step in header["wants"]]
             chosen = _choose(model, x, header["last_tokens"], wants)
             chosen["busy"] = header["busy"] + [time.perf_counter() - t]
-            sends.append(_Sent(*dispatch.isend(pp.comm, chosen, 0, RESULT)))
+            outbox.send(0, RESULT, chosen)
         else:
             header["busy"].append(time.perf_counter() - t)
-            sends.append(_Sent(*dispatch.isend(pp.comm, header, pp.rank + 1, HEADER)))
-            sends.append(pp.send(x, pp.rank + 1, ACT))
-    for request in sends:
-        request.wait()
+            outbox.send(pp.rank + 1, HEADER, header, x)
+    outbox.drain()
 
 
 class Replica:
