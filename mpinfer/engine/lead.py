@@ -11,7 +11,6 @@ import time
 import numpy as np
 
 from ..errors import EXIT_OK, EXIT_RESUMABLE
-from ..io.results import read_rows
 from . import dispatch
 from .progress import Progress
 
@@ -81,27 +80,26 @@ def lead(job, setup, topo, replica, comm, stop, t0, loaded):
     writer.close()
     progress.update(done[0], sum(dispatcher.generated))
     progress.close()
-    results.flush(time.perf_counter() - t0)
-    if results.rows_written < total:  # stopped by a signal: what is finished is in the file
+    if results.rows < total:  # stopped by a signal: what is finished goes to the file
+        results.flush(time.perf_counter() - t0)
         code = EXIT_RESUMABLE
         print(f"mpinfer: stopped early; {results.rows_written} of {total} requests are in {job.output_path}; "
               "run the same job again to continue", flush=True)
     else:
         elapsed = time.perf_counter() - t0  # wall_s and the throughput from the same clock reading
-        metrics = {**_metrics(read_rows(job.output_path), results.wall_s_before + elapsed), "startup_s": startup,
-                   **{f"comm.{k}": v for k, v in topo.counters().items()}}  # rank 0's groups
-        metrics["ranks.loaded"] = json.dumps(loaded)  # per rank: weights, KV cache, peak RSS, bytes read (MiB)
+        extra = {"startup_s": startup, "ranks.loaded": json.dumps(loaded),  # per rank: weights, KV, peak RSS, read (MiB)
+                 **{f"comm.{k}": v for k, v in topo.counters().items()}}  # rank 0's groups
         if topo.pp.size > 1:  # how busy each stage of rank 0's pipeline was while it ran
             busy = np.array(replica.pipe.stage_busy_s)
-            metrics |= {"pp.micro_batches": len(replica.schedulers), "pp.stage_busy_s": json.dumps(busy.tolist()),
-                        "pp.idle_fraction": float(1 - busy.mean() / replica.run_s)}
-        results.finish(elapsed, metrics)
+            extra |= {"pp.micro_batches": len(replica.schedulers), "pp.stage_busy_s": json.dumps(busy.tolist()),
+                      "pp.idle_fraction": float(1 - busy.mean() / replica.run_s)}
+        metrics = results.finish(elapsed, lambda rows: {**_metrics(rows, results.wall_s_before + elapsed), **extra})
         os.remove(job.output_path + ".lock")  # still held: no other run can be waiting on it
         code = EXIT_OK
         print(f"mpinfer: wrote {job.output_path}: {total} requests, {metrics['generated_tokens']} tokens, "
               f"{metrics['throughput_tok_s']:.1f} tok/s", flush=True)
-    for request, _ in [dispatch.isend(comm, {"code": code}, r, dispatch.FINAL) for r in range(1, comm.size)]:
-        dispatch.wait(request)
+    for request in [dispatch.isend(comm, {"code": code}, r, dispatch.FINAL) for r in range(1, comm.size)]:
+        request.wait()
     return code
 
 

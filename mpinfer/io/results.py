@@ -128,26 +128,37 @@ class ResultsFile:
         self._records = []
         self.last_flush_s = time.perf_counter() - start
 
-    def finish(self, wall_s: float, metrics: dict):
+    @property
+    def rows(self):
+        """Rows of the job so far: in the file and buffered."""
+        return len(self.done) + len(self._added)
+
+    def finish(self, wall_s: float, metrics):
         """Rewrite the whole file with every row sorted by index, complete=True and `metrics`
-        (str/int/float/bool values) as root attributes. The datasets depend only on the rows."""
+        (str/int/float/bool values) as root attributes. The datasets depend only on the rows.
+        metrics: a dict, or a function of the rows ({name: values}, sorted) returning one, so
+        that they come from the same single read of the file. Returns the metrics written."""
         start = time.perf_counter()
-        clash = metrics.keys() & (self.attrs.keys() | NOT_METRICS)
-        if clash:
-            raise ValueError(f"metric names {sorted(clash)} clash with root attributes of the results file")
         cols = {name: [] for name in COLUMNS}
         if self._on_disk:
             cols = {name: list(values) for name, values in read_rows(self.path).items()}
         for name, values in _columns(self._records).items():
             cols[name] += values
         order = np.argsort(np.asarray(cols["index"], np.int64), kind="stable")  # indices are unique
+        rows = {name: [v[i] for i in order] for name, v in cols.items()}
+        if callable(metrics):
+            metrics = metrics(rows)
+        clash = metrics.keys() & (self.attrs.keys() | NOT_METRICS)
+        if clash:
+            raise ValueError(f"metric names {sorted(clash)} clash with root attributes of the results file")
         with _create(self.tmp) as f:
-            self.rows_written = _append(f["requests"], {name: [v[i] for i in order] for name, v in cols.items()})
+            self.rows_written = _append(f["requests"], rows)
             _set_attrs(f, {**self._root_attrs(wall_s), "complete": True, **metrics})
         self._replace()
         self._records = []
         self.complete = True
         self.last_flush_s = time.perf_counter() - start
+        return metrics
 
     def _root_attrs(self, wall_s):
         return {**self.attrs, "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
