@@ -53,11 +53,15 @@ def check_tp(cfg, size):
         raise UserError(f"parallel.tp = {size} does not divide the model's {', '.join(problems)}")
 
 
+def kv_heads_per_rank(cfg, tp_size):
+    return max(1, cfg.num_kv_heads // tp_size)  # 1 when the KV heads are replicated over P / Hkv ranks
+
+
 def kv_heads_of(cfg, tp):
     """(first KV head, number of KV heads) this TP rank holds."""
-    n = max(1, cfg.num_kv_heads // tp.size)  # 1 when the KV heads are replicated over P / Hkv ranks
     heads = cfg.num_heads // tp.size
-    return tp.rank * heads // (cfg.num_heads // cfg.num_kv_heads), n  # the KV head of my first query head
+    first = tp.rank * heads // (cfg.num_heads // cfg.num_kv_heads)  # the KV head of my first query head
+    return first, kv_heads_per_rank(cfg, tp.size)
 
 
 class Linear:

@@ -3,7 +3,6 @@ replicas beside it) gives the same tokens as one rank, log-probabilities within 
 relative, and the traffic of the chapter's formulas (ring all-reduce, d*b per stage boundary)."""
 
 import json
-import os
 
 import h5py
 import numpy as np

@@ -151,7 +151,7 @@ def test_finish_sorts_by_index_and_is_deterministic(tmp_path):
     order = list(range(50))
     random.Random(0).shuffle(order)
     a = finished(tmp_path / "a.h5", order, flush_every=7)
-    b = finished(tmp_path / "b.h5", sorted(order, reverse=True), flush_every=50)
+    finished(tmp_path / "b.h5", sorted(order, reverse=True), flush_every=50)
     assert a.complete and a.rows_written == 50
     assert_rows(tmp_path / "a.h5", range(50), top_n=3)
     # The same rows give the same file, whatever order they came in and however often flushed.

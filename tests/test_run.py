@@ -161,6 +161,18 @@ def slow_job(model, tmp_path_factory):
     return settings, rows_by_id(out)
 
 
+def assert_kept_then_resumed(job, out, reference):
+    """The stopped job's file is valid and holds some of the 80 rows, each as in the
+    reference; running the job again completes it with exactly the reference rows."""
+    kept = rows_by_id(out)
+    assert 2 <= len(kept) < 80, len(kept)
+    assert all(reference[i] == row for i, row in kept.items())
+    done = mpinfer(2, "run", job)
+    assert done.returncode == 0, done.stderr
+    assert_complete(out, 80)
+    assert rows_by_id(out) == reference
+
+
 @pytest.mark.parametrize("victim", [0, 1])
 def test_kill9_then_resume(model, slow_job, tmp_path, victim):
     settings, reference = slow_job
@@ -169,13 +181,7 @@ def test_kill9_then_resume(model, slow_job, tmp_path, victim):
     os.kill(pids[victim], signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode != 0
-    kept = rows_by_id(out)  # a valid file holding what was flushed
-    assert 2 <= len(kept) < 80, len(kept)
-    assert all(reference[i] == row for i, row in kept.items())
-    done = mpinfer(2, "run", job)
-    assert done.returncode == 0, done.stderr
-    assert_complete(out, 80)
-    assert rows_by_id(out) == reference
+    assert_kept_then_resumed(job, out, reference)
 
 
 @pytest.mark.parametrize("ranks, sets", [(2, ()), (4, ("parallel.tp=2", "parallel.pp=2"))])
@@ -189,13 +195,7 @@ def test_sigterm_stops_resumably(model, slow_job, tmp_path, ranks, sets):
         os.kill(pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 75, err
-    kept = rows_by_id(out)
-    assert 2 <= len(kept) < 80, len(kept)
-    assert all(reference[i] == row for i, row in kept.items())
-    done = mpinfer(2, "run", job)
-    assert done.returncode == 0, done.stderr
-    assert_complete(out, 80)
-    assert rows_by_id(out) == reference
+    assert_kept_then_resumed(job, out, reference)
     assert not os.path.exists(f"{out}.lock")
 
 

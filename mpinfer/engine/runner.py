@@ -28,7 +28,7 @@ from ..io.prompts import read_prompts
 from ..io.results import ResultsFile, lock
 from ..job import load_job
 from ..kvcache import PagedKVCache
-from ..layers import check_tp
+from ..layers import check_tp, kv_heads_per_rank
 from ..mapping import stage_layers
 from ..model import Decoder
 from ..tokenizer import load_tokenizer
@@ -86,7 +86,8 @@ def run_job(job_file, overrides, skip_invalid=False, overwrite=False, comm=MPI.C
         problem = str(e)
     if _any_problem(comm, problem):
         return EXIT_BAD_INPUT
-    pool = PagedKVCache.for_model(model, eng.kv_cache_gb * 2**30, eng.block_size, _largest_stage(m, model.config))
+    largest = _largest_stage(model.config.num_layers, m.pp)
+    pool = PagedKVCache.for_model(model, eng.kv_cache_gb * 2**30, eng.block_size, largest)
     loaded = dispatch.allgather(comm, _load_stats(model, pool, ckpt))  # what each rank holds: into the metrics
     try:
         if m.pp_rank > 0:
@@ -120,8 +121,9 @@ def _load_stats(model, pool, ckpt):
             "peak_rss_mib": peak_kb / 1024, "read_mib": ckpt.bytes_read / 2**20}
 
 
-def _largest_stage(mapping, cfg):
-    return max(b - a for a, b in stage_layers(cfg.num_layers, mapping.pp))
+def _largest_stage(num_layers, pp):
+    """Layers of the largest pipeline stage: every stage's KV pool is sized for it."""
+    return max(b - a for a, b in stage_layers(num_layers, pp))
 
 
 def _any_problem(comm, problem):
@@ -161,8 +163,7 @@ def _prepare(job, topo, skip_invalid, overwrite):
 def _check_kv_capacity(job, cfg, requests):
     """Refuse, before any compute, a request that could never fit the replica's KV cache."""
     e = job.engine
-    kv_heads = max(1, cfg.num_kv_heads // job.parallel.tp)  # per rank
-    layers = max(b - a for a, b in stage_layers(cfg.num_layers, job.parallel.pp))
+    layers, kv_heads = _largest_stage(cfg.num_layers, job.parallel.pp), kv_heads_per_rank(cfg, job.parallel.tp)
     capacity = PagedKVCache.blocks_for_bytes(cfg, layers, kv_heads, e.kv_cache_gb * 2**30, e.block_size) * e.block_size
     for r in requests:
         need = min(len(r.prompt_ids) + r.sampling.max_new_tokens, cfg.max_position)

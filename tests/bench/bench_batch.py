@@ -8,11 +8,8 @@ same run; then `mpinfer run` end to end on 1 and on 2 MPI ranks (data parallel).
 Ratios > 1 mean mpinfer is faster. Not a test: timings vary with the machine's load.
 """
 
-import datetime
 import json
 import os
-import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +22,7 @@ THREADS = len(os.sched_getaffinity(0))
 os.environ.setdefault("OPENBLAS_NUM_THREADS", str(THREADS))
 
 import torch  # noqa: E402  (after the BLAS thread count is set)
+from report import header, save  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from mpinfer.backend import get_backend  # noqa: E402
@@ -124,8 +122,7 @@ def main():
         e2e = {n: end_to_end(path, n, tmp) for n in (1, 2)}
     ref_rate = tokens_ref / t_ref
     report = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{socket.gethostname().split('.')[0]} {platform.machine()}, {THREADS} cores, no GPU",
+        **header(THREADS),
         "threads": THREADS,
         "model": name,
         "workload": f"{len(prompts)} chat prompts ({sum(map(len, prompts))} prompt tokens), up to {NEW} new tokens, greedy",
@@ -150,12 +147,7 @@ def main():
                                               for n in (1, 2) for i in range(len(prompts))),
         },
     }
-    out = os.path.join(os.path.dirname(__file__), "results",
-                       f"{report['date']}-{socket.gethostname().split('.')[0]}-batch.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(json.dumps(report, indent=2))
+    save(report, "batch")
 
 
 if __name__ == "__main__":

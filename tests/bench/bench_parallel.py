@@ -12,11 +12,8 @@
 Not a test: timings vary with the machine's load.
 """
 
-import datetime
 import json
 import os
-import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +22,7 @@ import h5py
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 import conftest  # noqa: E402
+from report import header, save  # noqa: E402
 
 from mpinfer.fetch import fetch_smollm2  # noqa: E402
 
@@ -58,8 +56,7 @@ def decode_rate(attrs):
 
 def main():
     smollm2 = fetch_smollm2()
-    report = {"date": datetime.date.today().isoformat(),
-              "machine": f"{socket.gethostname().split('.')[0]} {platform.machine()}, {len(os.sched_getaffinity(0))} cores, no GPU"}
+    report = header(len(os.sched_getaffinity(0)))
     with tempfile.TemporaryDirectory() as tmp:
         memory = {}
         for name, ranks, sets in (("1 rank", 1, ()), ("tp=3", 3, ("parallel.tp=3",)), ("pp=2", 2, ("parallel.pp=2",))):
@@ -85,11 +82,7 @@ def main():
         tp = {n: decode_rate(run(tmp, folder, n, f"parallel.tp={n}")) for n in (1, 2)}
         report["random_smollm2_size_8_heads"] = {"tp1_tok_per_s": round(tp[1], 1), "tp2_tok_per_s": round(tp[2], 1),
                                                  "tp2_over_tp1": round(tp[2] / tp[1], 3)}
-    out = os.path.join(os.path.dirname(__file__), "results",
-                       f"{report['date']}-{socket.gethostname().split('.')[0]}-parallel.json")
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(json.dumps(report, indent=2))
+    save(report, "parallel")
 
 
 if __name__ == "__main__":

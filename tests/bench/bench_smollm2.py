@@ -6,16 +6,14 @@ transformers (PyTorch, float32) in the same run: load time, prefill and decode t
 Ratios > 1 mean mpinfer is faster. Not a test: timings vary with the machine's load.
 """
 
-import datetime
-import json
 import os
-import platform
-import socket
 import time
 
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
+
+from report import header, save
 
 from mpinfer.fetch import fetch_smollm2
 from mpinfer.kvcache import PagedKVCache
@@ -68,8 +66,7 @@ def main():
     decode_ours = (best_of(2, ours_decode) - prefill_ours) / DECODE
     decode_ref = (best_of(2, ref_decode) - prefill_ref) / DECODE
     report = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{socket.gethostname()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU",
+        **header(os.cpu_count()),
         "threads": torch.get_num_threads(),
         "model": name,
         "load_s": {"mpinfer": load_ours, "transformers": load_ref, "ratio": load_ref / load_ours},
@@ -77,11 +74,7 @@ def main():
                                         "ratio": prefill_ref / prefill_ours},
         "decode_tok_per_s": {"mpinfer": 1 / decode_ours, "transformers": 1 / decode_ref, "ratio": decode_ref / decode_ours},
     }
-    out = os.path.join(os.path.dirname(__file__), "results", f"{report['date']}-{socket.gethostname()}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(json.dumps(report, indent=2))
+    save(report)
 
 
 if __name__ == "__main__":
