@@ -183,7 +183,8 @@ def _hf_windows(raw, arch, layers):
 def gguf_config(meta, path, tie_embeddings, has_rope_freqs):
     """ModelConfig from GGUF metadata (a dict of key -> Python value).
 
-    Only the llama architecture of llama.cpp is read (SmolLM2, Llama, Mistral GGUFs).
+    Only the llama architecture of llama.cpp is read (SmolLM2, Llama, Mistral GGUFs, and
+    Mixtral: llama with llama.expert_count > 0, every layer's MLP the routed experts).
     Llama-3 RoPE scaling travels in GGUF as a `rope_freqs` tensor of per-frequency divisors,
     so has_rope_freqs tells the model to read it; linear scaling travels as metadata.
     A GGUF without an output tensor ties the LM head to the embedding (tie_embeddings).
@@ -222,8 +223,13 @@ def _gguf_config(meta, path, tie_embeddings, has_rope_freqs):
     if vocab <= 0:
         raise UserError(f"{path}: GGUF metadata gives no vocabulary size")
     eos = meta.get("tokenizer.ggml.eos_token_id")
+    experts = int(meta.get("llama.expert_count", 0))
+    # Mixtral: each expert has the MLP's size; the chosen experts' probabilities renormalised
+    moe = dict(num_experts=experts, experts_per_token=int(need("expert_used_count")),
+               expert_size=int(need("feed_forward_length")), norm_topk_prob=True,
+               moe_layers=(True,) * layers) if experts else {}
     return ModelConfig(
-        arch="llama",
+        arch="mixtral" if experts else "llama",
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=int(need("feed_forward_length")),
@@ -238,4 +244,5 @@ def _gguf_config(meta, path, tie_embeddings, has_rope_freqs):
         sliding_windows=(0,) * layers,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=() if eos is None else (int(eos),),
+        **moe,
     )

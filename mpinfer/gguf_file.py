@@ -5,6 +5,12 @@ K-quants, ...) are dequantized row range by row range with `gguf.quants.dequanti
 shapes are written innermost-first: a Hugging Face (out, in) linear is GGUF [in, out] and
 reads here as numpy (out, in).
 
+Mixtral (written as llama, with llama.expert_count): the router is `ffn_gate_inp` and each
+layer's experts are stacked into one tensor per projection, numpy (E, I, D) for gate and up,
+(E, D, I) for down. Expert e of a stacked tensor is served under its Hugging Face name
+(older files hold the same 2-D tensors as `blk.N.ffn_gate.e.weight`); reading it reads and
+dequantizes only that expert's bytes (its row range of them, under tensor parallelism).
+
 llama.cpp's converter permutes the rows of Q and K inside each head so that RoPE rotates
 adjacent pairs (2i, 2i+1); `_unpermute` undoes it so the model's rotate-half RoPE applies,
 as transformers does when it loads a GGUF.
@@ -28,7 +34,9 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "block_sparse_moe.gate",
 }
+_EXPERT_NAMES = {"ffn_gate": "w1", "ffn_up": "w3", "ffn_down": "w2"}  # Mixtral's gate, up, down
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -38,12 +46,16 @@ _GLOBAL_NAMES = {
 
 
 def hf_name(gguf_name):
-    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; unknown names unchanged."""
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight',
+    'blk.3.ffn_up.5.weight' -> 'model.layers.3.block_sparse_moe.experts.5.w3.weight';
+    unknown names unchanged."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
         return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 5 and parts[0] == "blk" and parts[2] in _EXPERT_NAMES:
+        return f"model.layers.{parts[1]}.block_sparse_moe.experts.{parts[3]}.{_EXPERT_NAMES[parts[2]]}.{parts[4]}"
     return gguf_name
 
 
@@ -69,20 +81,42 @@ class GGUFCheckpoint(Checkpoint):
             reader = _Reader(path)
         except Exception as e:
             raise UserError(f"{path}: not a valid GGUF file, truncated or corrupted ({one_line(e)})") from None
-        self._tensors = {hf_name(t.name): t for t in reader.tensors}
         self.meta = {name: field.contents() for name, field in reader.fields.items()}
-        self.config = gguf_config(self.meta, path, "lm_head.weight" not in self._tensors, "rope_freqs" in self._tensors)
+        names = {t.name for t in reader.tensors}
+        self.config = gguf_config(self.meta, path, "output.weight" not in names, "rope_freqs.weight" in names)
+        self._tensors = {}  # HF name -> (GGUF tensor, expert index into it when stacked, else None)
+        for t in reader.tensors:
+            if t.name.endswith("_exps.weight"):
+                self._check_experts(t)
+                stem = t.name.removesuffix("_exps.weight")  # expert e: the older 'blk.N.ffn_gate.e.weight'
+                self._tensors.update({hf_name(f"{stem}.{e}.weight"): (t, e) for e in range(self.config.num_experts)})
+            else:
+                self._tensors[hf_name(t.name)] = (t, None)
         self._reader = reader  # keeps the mapping alive
+
+    def _check_experts(self, t):
+        """Stacked experts must be (E, I, D), down (E, D, I): named here, as the file names them."""
+        cfg = self.config
+        E, D, I = cfg.num_experts, cfg.hidden_size, cfg.expert_size
+        if not E:
+            raise UserError(f"{self.path}: tensor {t.name!r} holds experts, but the metadata has no llama.expert_count")
+        expected = (E, D, I) if t.name.endswith("down_exps.weight") else (E, I, D)
+        found = tuple(int(n) for n in reversed(t.shape))
+        if found != expected:
+            raise UserError(f"{self.path}: tensor {t.name!r} has shape {found}, expected {expected} (experts, out, in)")
 
     def names(self):
         return self._tensors.keys()
 
     def _shape(self, name):
-        return tuple(int(n) for n in reversed(self._tensors[name].shape))
+        t, expert = self._tensors[name]
+        shape = tuple(int(n) for n in reversed(t.shape))
+        return shape if expert is None else shape[1:]
 
     def _read(self, name, rows):
-        t = self._tensors[name]
-        data = t.data if rows is None else t.data[rows]
+        t, expert = self._tensors[name]
+        data = t.data if expert is None else t.data[expert]  # a view: (rows, cols) or (rows, bytes per row)
+        data = data if rows is None else data[rows]
         self.bytes_read += data.nbytes  # quantized bytes, as stored
         try:
             array = np.ascontiguousarray(_dequantize(data, t.tensor_type), dtype=np.float32)

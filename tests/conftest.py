@@ -26,7 +26,7 @@ ARCHS = {
     # mixtures of experts, top-2: Mixtral (4 experts of the MLP's size, always renormalised),
     # Qwen2-MoE (6 experts, a gated shared expert, layer 1 dense, no renormalisation),
     # Qwen3-MoE (8 experts, renormalised, q/k norm)
-    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6, intermediate_size=160),
     "qwen2_moe": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=40, shared_expert_intermediate_size=56,
                       decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=False),
     "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=40, norm_topk_prob=True, head_dim=32,

@@ -1,16 +1,23 @@
-"""Test helper: write a Hugging Face llama folder as a llama.cpp-style GGUF (the converter's
-tensor names, its Q/K row permutation, Llama-3 rope_freqs), quantized with gguf.quants."""
+"""Test helper: write a Hugging Face llama or Mixtral folder as a llama.cpp-style GGUF (the
+converter's tensor names, its Q/K row permutation, Llama-3 rope_freqs, Mixtral's experts
+stacked into one 3-D tensor per projection), quantized with gguf.quants."""
 
+import json
 import math
 import os
+import re
 
 import gguf
 import numpy as np
 from safetensors.numpy import load_file
 
+F32, F16 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16
 _NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
           "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+          "block_sparse_moe.gate": "ffn_gate_inp"}
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
+_EXPERT_NAMES = {"w1": "ffn_gate", "w3": "ffn_up", "w2": "ffn_down"}
 
 
 def permute(w, heads):
@@ -36,9 +43,50 @@ def llama3_rope_factors(rope, head_dim):
     return np.array(out, dtype=np.float32)
 
 
-def write_gguf(folder, path, qtype=gguf.GGMLQuantizationType.F32):
-    import json
+def stored(t, qtype):
+    """(data, type) of a weight t as llama.cpp's converter stores it in qtype: norms (1-D)
+    stay float32; rows that do not split into qtype's blocks fall back to F16."""
+    if qtype == F32 or t.ndim == 1:
+        return t, F32
+    if t.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        qtype = F16
+    return gguf.quants.quantize(t, qtype), qtype
 
+
+def gguf_tensors(folder, cfg, stacked=True):
+    """{GGUF name: float32 array} of a Hugging Face folder. Mixtral's experts are stacked per
+    layer and projection, (E, out, in), as the converter writes them since 2024; stacked=False
+    writes the older per-expert 2-D tensors 'blk.N.ffn_gate.E.weight'."""
+    out, experts = {}, {}
+    for name, t in load_file(os.path.join(folder, "model.safetensors")).items():
+        t = t.astype(np.float32)
+        if name.endswith("q_proj.weight"):
+            t = permute(t, cfg["num_attention_heads"])
+        elif name.endswith("k_proj.weight"):
+            t = permute(t, cfg["num_key_value_heads"])
+        if m := _EXPERT.fullmatch(name):
+            layer, e, w = m.groups()
+            experts.setdefault(f"blk.{layer}.{_EXPERT_NAMES[w]}", {})[int(e)] = t
+        elif name == "model.embed_tokens.weight":
+            out["token_embd.weight"] = t
+        elif name == "model.norm.weight":
+            out["output_norm.weight"] = t
+        elif name == "lm_head.weight":
+            out["output.weight"] = t
+        else:
+            layer, rest = name.split(".", 3)[2:]
+            module, kind = rest.rsplit(".", 1)
+            out[f"blk.{layer}.{_NAMES[module]}.{kind}"] = t
+    for stem, per_expert in experts.items():
+        if stacked:
+            out[f"{stem}_exps.weight"] = np.stack([per_expert[e] for e in range(len(per_expert))])
+        else:
+            out.update({f"{stem}.{e}.weight": t for e, t in per_expert.items()})
+    return out
+
+
+def write_gguf(folder, path, qtype=F32, stacked=True, replace=None):
+    """replace: {GGUF name: array} written instead of (or besides) the converted tensors."""
     cfg = json.load(open(os.path.join(folder, "config.json")))
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = cfg["hidden_size"] // heads
@@ -53,29 +101,16 @@ def write_gguf(folder, path, qtype=gguf.GGMLQuantizationType.F32):
     w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
+    if "num_local_experts" in cfg:  # Mixtral
+        w.add_expert_count(cfg["num_local_experts"])
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
     if cfg["rope_parameters"].get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg["rope_parameters"], head_dim))
-    for name, t in load_file(os.path.join(folder, "model.safetensors")).items():
-        t = t.astype(np.float32)
-        if name == "model.embed_tokens.weight":
-            out = "token_embd.weight"
-        elif name == "model.norm.weight":
-            out = "output_norm.weight"
-        elif name == "lm_head.weight":
-            out = "output.weight"
-        else:
-            layer, rest = name.split(".", 3)[2:]
-            module, kind = rest.rsplit(".", 1)
-            out = f"blk.{layer}.{_NAMES[module]}.{kind}"
-        if name.endswith("q_proj.weight"):
-            t = permute(t, heads)
-        elif name.endswith("k_proj.weight"):
-            t = permute(t, kv_heads)
-        block = gguf.GGML_QUANT_SIZES[qtype][0]
-        if t.ndim == 2 and t.shape[1] % block == 0 and qtype != gguf.GGMLQuantizationType.F32:
-            w.add_tensor(out, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
-        else:
-            w.add_tensor(out, t)
+    tensors = {**gguf_tensors(folder, cfg, stacked), **(replace or {})}
+    for name, t in tensors.items():
+        # llama.cpp keeps the router in float32: quantizing it would change which experts run
+        data, kind = stored(t, F32 if name.endswith("ffn_gate_inp.weight") else qtype)
+        w.add_tensor(name, data, raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
