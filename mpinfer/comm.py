@@ -11,7 +11,9 @@ infers the element type from the array (float32, float64, int32, int64, ...).
 
 Waiting on a non-blocking request polls Test() with short sleeps instead of a blocking
 Wait(): MPICH's blocking waits spin and would steal the core of another rank on an
-oversubscribed node. Blocking collectives (Allreduce, Allgather, Bcast) are kept as they are.
+oversubscribed node. Blocking collectives (Allreduce, Allgather, Bcast) are kept as they are; the expert-parallel
+all-to-alls and agreements poll too, since the replicas they join may arrive at different
+times.
 """
 
 import time
@@ -114,9 +116,51 @@ class Group:
         self._count("recv", x.nbytes)
         return request, x
 
+    def all_to_all(self, x, send_counts, recv_counts):
+        """Personalised exchange (MPI_Alltoallv): x (sum(send_counts), ...) holds send_counts[r]
+        consecutive rows for each group rank r, in rank order; returns (sum(recv_counts), ...)
+        with recv_counts[r] rows from each rank r, in rank order. The counts must agree
+        pairwise (exchange_counts gives them). Counts the payload and, as remote_bytes, what
+        leaves this rank (the rows for itself stay in memory)."""
+        x = np.ascontiguousarray(x)
+        row = int(np.prod(x.shape[1:], dtype=np.int64))
+        out = np.empty((int(np.sum(recv_counts)), *x.shape[1:]), x.dtype)
+        if self.size == 1:
+            out[...] = x
+            return out
+        send, recv = np.asarray(send_counts, np.int64) * row, np.asarray(recv_counts, np.int64) * row
+        wait(self.comm.Ialltoallv([x, (send, _starts(send))], [out, (recv, _starts(recv))]))
+        item = x.itemsize * row
+        self._count("all_to_all", x.nbytes, remote_bytes=(int(np.sum(send_counts)) - int(send_counts[self.rank])) * item)
+        return out
+
+    def exchange_counts(self, counts):
+        """counts (size, k) int64, row r for group rank r -> (size, k): row r is what rank r
+        sent me (MPI_Alltoall), so each side knows the shape of the all_to_all that follows."""
+        counts = np.ascontiguousarray(counts, np.int64)
+        if self.size == 1:
+            return counts.copy()
+        out = np.empty_like(counts)
+        wait(self.comm.Ialltoall(counts, out))
+        self._count("exchange_counts", counts.nbytes)
+        return out
+
+    def any(self, flags):
+        """Element-wise logical or of a bool array over the group (a polled MPI_Iallreduce)."""
+        flags = np.asarray(flags, np.int64)
+        if self.size == 1:
+            return flags.astype(bool)
+        out = np.empty_like(flags)
+        wait(self.comm.Iallreduce(flags, out, op=MPI.MAX))
+        return out.astype(bool)
+
     def counters(self):
         """Flat {"<name>.<op>.<field>": value}, e.g. "tp.all_reduce.ring_bytes", for metrics."""
         return {f"{self.name}.{op}.{field}": value for op, c in self.counts.items() for field, value in c.items()}
+
+
+def _starts(counts):
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
 
 
 def _check_contiguous(x, op):

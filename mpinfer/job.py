@@ -37,6 +37,14 @@ class Engine:
     flush_seconds: float = 5.0  # finished requests reach the results file at least this often
 
 
+@dataclasses.dataclass(frozen=True)
+class Moe:
+    capacity_factor: float = 0.0  # pairs an expert takes per step: factor * top_k * tokens / experts; 0 = no cap
+    hot_experts: int = 0  # per MoE layer, one more copy of this many of the most loaded experts; 0 = none
+    load_from: str = ""  # absolute path of an earlier results file whose /moe/expert_load places the copies;
+                         # "" = a routing pass over the job's first ROUTING_PROMPTS prompts
+
+
 # key: (type, test, what the test asks), as in sampling.py
 _AT_LEAST_1 = (int, lambda v: v >= 1, "must be >= 1")
 _PARALLEL_RULES = {"tp": _AT_LEAST_1, "pp": _AT_LEAST_1, "ep": _AT_LEAST_1, "cp": _AT_LEAST_1,
@@ -49,6 +57,10 @@ _ENGINE_RULES = {
     "kv_cache_gb": (float, lambda v: v > 0, "must be > 0"),
     "flush_seconds": (float, lambda v: v > 0, "must be > 0"),
 }
+_MOE_RULES = {
+    "capacity_factor": (float, lambda v: v >= 0, "must be >= 0 (0: no capacity limit)"),
+    "hot_experts": (int, lambda v: v >= 0, "must be >= 0 (0: no replication)"),
+}
 _PATH_RULE = (str, lambda v: v != "", "must not be empty")
 SECTIONS = {
     "model": ("path",),
@@ -57,6 +69,7 @@ SECTIONS = {
     "sampling": tuple(f.name for f in dataclasses.fields(SamplingParams)),
     "parallel": tuple(_PARALLEL_RULES),
     "engine": tuple(_ENGINE_RULES),
+    "moe": (*_MOE_RULES, "load_from"),
 }
 
 
@@ -69,6 +82,7 @@ class Job:
     sampling: SamplingParams
     parallel: Parallel
     engine: Engine
+    moe: Moe
 
     def toml(self):
         """The effective job as TOML: every section and key, absolute paths."""
@@ -79,6 +93,7 @@ class Job:
             "sampling": dataclasses.asdict(self.sampling),
             "parallel": dataclasses.asdict(self.parallel),
             "engine": dataclasses.asdict(self.engine),
+            "moe": dataclasses.asdict(self.moe),
         }
         lines = []
         for name, table in sections.items():
@@ -121,7 +136,13 @@ def load_job(path, overrides=()):
         raise UserError(f"{where}output.path: folder {os.path.dirname(output_path)} does not exist")
     parallel = Parallel(**_section(given, "parallel", _PARALLEL_RULES))
     engine = Engine(**_section(given, "engine", _ENGINE_RULES))
-    return Job(path, model_path, input_path, output_path, sampling, parallel, engine)
+    moe = Moe(**_section(given, "moe", _MOE_RULES))
+    if given.get(("moe", "load_from"), ("",))[0] != "":
+        where, load_from = _path(path, given, "moe", "load_from")
+        if not os.path.isfile(load_from):
+            raise UserError(f"{where}moe.load_from: {load_from} does not exist")
+        moe = dataclasses.replace(moe, load_from=load_from)
+    return Job(path, model_path, input_path, output_path, sampling, parallel, engine, moe)
 
 
 def _given(path, overrides):
@@ -158,12 +179,12 @@ def _section(given, section, rules):
     return {key: _checked(given, section, key, *rule) for key, rule in rules.items() if (section, key) in given}
 
 
-def _path(path, given, section):
-    """(where it was given, absolute path) of [section] path."""
-    if (section, "path") not in given:
-        raise UserError(f"{path}: {section}.path: missing (add it under [{section}] or --set {section}.path=...)")
-    _, where, folder = given[section, "path"]
-    value = os.path.expanduser(_checked(given, section, "path", *_PATH_RULE))
+def _path(path, given, section, key="path"):
+    """(where it was given, absolute path) of [section] key."""
+    if (section, key) not in given:
+        raise UserError(f"{path}: {section}.{key}: missing (add it under [{section}] or --set {section}.{key}=...)")
+    _, where, folder = given[section, key]
+    value = os.path.expanduser(_checked(given, section, key, *_PATH_RULE))
     return where, os.path.normpath(os.path.join(folder, value))
 
 

@@ -86,8 +86,10 @@ class Batch:
         bs = pool.block_size
         self.pool, self.seqs = pool, seqs
         self.q_lens, self.kv_lens = np.asarray(q_lens, np.int64), np.asarray(kv_lens, np.int64)
-        self.tables = np.asarray(tables, np.int64).reshape(len(self.q_lens), -1)
-        self.positions = np.concatenate([np.arange(k - q, k) for q, k in zip(self.q_lens, self.kv_lens)])
+        self.tables = np.asarray(tables, np.int64).reshape(len(self.q_lens), -1) if len(self.q_lens) else \
+            np.zeros((0, 1), np.int64)  # B = 0: an empty step (an idle replica of an EP group)
+        self.positions = np.concatenate([np.zeros(0, np.int64)] +
+                                        [np.arange(k - q, k) for q, k in zip(self.q_lens, self.kv_lens)])
         seq_of_token = np.repeat(np.arange(len(self.q_lens)), self.q_lens)
         self.slots = self.tables[seq_of_token, self.positions // bs] * bs + self.positions % bs
 
@@ -96,7 +98,7 @@ class Batch:
         for s, n in zip(seqs, counts):
             if not pool.reserve(s, s.length + n):
                 raise MemoryError(f"KV cache pool of {pool.num_blocks} blocks is full")
-        tables = np.zeros((len(seqs), max(len(s.blocks) for s in seqs)), np.int64)
+        tables = np.zeros((len(seqs), max((len(s.blocks) for s in seqs), default=1)), np.int64)
         for i, s in enumerate(seqs):
             tables[i, : len(s.blocks)] = s.blocks
         return cls(pool, counts, [s.length + n for s, n in zip(seqs, counts)], tables, seqs)

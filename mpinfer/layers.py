@@ -14,8 +14,6 @@ the KV cache are split by head; when there are fewer KV heads than ranks, each K
 held by the P / Hkv ranks whose query heads use it.
 """
 
-import dataclasses
-
 import numpy as np
 
 from .errors import UserError
@@ -44,8 +42,8 @@ def check_tp(cfg, size):
     """UserError naming the numbers when a TP size does not divide the model."""
     sizes = [("attention heads", cfg.num_heads), ("intermediate size", cfg.intermediate_size),
              ("vocabulary", cfg.vocab_size)]
-    if cfg.num_experts:
-        sizes += [("expert size", cfg.expert_size), ("shared expert size", cfg.shared_expert_size)]
+    if cfg.shared_expert_size:  # routed experts are split by tp / ep (moe.check_ep)
+        sizes.append(("shared expert size", cfg.shared_expert_size))
     problems = [f"{what} {n}" for what, n in sizes if n % size]
     if cfg.num_kv_heads % size and size % cfg.num_kv_heads:
         problems.append(f"KV heads {cfg.num_kv_heads} (neither divides the other)")
@@ -151,69 +149,3 @@ class MLP:
 
     def __call__(self, x):
         return self.down_proj(self.be.silu_mul(*self.gate_up_proj(x)))
-
-
-class MoE:
-    """Routed experts in place of the MLP (Mixtral, Qwen2-MoE, Qwen3-MoE).
-
-    Legend: T tokens, E experts, A experts per token, D hidden, I expert size (I / P per
-    tensor-parallel rank: every expert is split like the dense MLP, one all-reduce at the end).
-    Router: softmax over the E logits (float32), the A largest (ties to the lower expert id),
-    renormalised to sum 1 when the architecture does (Mixtral always, Qwen's norm_topk_prob).
-    The T*A (token, expert) pairs are sorted by expert, so each expert runs one matmul over
-    all its tokens; results are scattered back and summed per token. Qwen2-MoE adds a shared
-    expert whose output is scaled by sigmoid(x . g). `load` counts the pairs per expert."""
-
-    def __init__(self, cfg, be, ckpt, layer, tp):
-        self.be, self.tp, self.top, self.norm = be, tp, cfg.experts_per_token, cfg.norm_topk_prob
-        E, D, I = cfg.num_experts, cfg.hidden_size, cfg.expert_size
-        if cfg.arch == "mixtral":  # Mixtral's names: w1 gate, w3 up, w2 down
-            p, gate, up, down = f"model.layers.{layer}.block_sparse_moe", "w1", "w3", "w2"
-        else:
-            p, gate, up, down = f"model.layers.{layer}.mlp", "gate_proj", "up_proj", "down_proj"
-        self.router = be.weight(ckpt.get(f"{p}.gate.weight", (E, D)))  # (E, D), on every rank
-        part = tp.part(I)
-        self.experts = [(Linear(be, ckpt, [(f"{p}.experts.{e}.{gate}", I, part), (f"{p}.experts.{e}.{up}", I, part)], D),
-                         Linear(be, ckpt, [(f"{p}.experts.{e}.{down}", D, None)], I, cols=part))
-                        for e in range(E)]
-        self.shared = self.shared_gate = None
-        if cfg.shared_expert_size:
-            shared_cfg = dataclasses.replace(cfg, intermediate_size=cfg.shared_expert_size, mlp_bias=False)
-            self.shared = MLP(shared_cfg, be, ckpt, layer, tp, f"{p}.shared_expert", reduce=False)
-            self.shared_gate = be.weight(ckpt.get(f"{p}.shared_expert_gate.weight", (1, D)))
-        self.load = np.zeros(E, np.int64)
-
-    def route(self, x):
-        """x (T, D) -> experts (T, A) int64 and weights (T, A) float32."""
-        logits = self.be.linear(x, self.router)  # (T, E)
-        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        probs /= probs.sum(axis=-1, keepdims=True)
-        experts = np.argsort(-probs, axis=-1, kind="stable")[:, : self.top]  # (T, A), ties: lower id
-        weights = np.take_along_axis(probs, experts, axis=-1)
-        if self.norm:
-            weights /= weights.sum(axis=-1, keepdims=True)
-        return experts, weights
-
-    def __call__(self, x):
-        T, D = x.shape
-        experts, weights = self.route(x)
-        pairs = experts.ravel()  # (T*A,) expert of each (token, slot) pair
-        order = np.argsort(pairs, kind="stable")  # pairs grouped by expert
-        counts = np.bincount(pairs, minlength=len(self.experts))
-        self.load += counts
-        tokens = order // self.top  # the token of each sorted pair
-        y = np.empty((T * self.top, D), np.float32)  # per sorted pair
-        start = 0
-        for (gate_up, down), n in zip(self.experts, counts):
-            if n:
-                rows = slice(start, start + n)
-                y[rows] = down(self.be.silu_mul(*gate_up(x[tokens[rows]])))  # (n, D) partial sums under TP
-                start += n
-        y *= weights.ravel()[order][:, None]
-        out = np.empty_like(y)
-        out[order] = y  # back to (token, slot) order
-        out = out.reshape(T, self.top, D).sum(axis=1)  # (T, D), this rank's part of the sum
-        if self.shared is not None:  # the gate is the same on every rank: gate * sum = sum of gate * part
-            gate = 1.0 / (1.0 + np.exp(-self.be.linear(x, self.shared_gate)))  # (T, 1)
-            out += gate * self.shared(x)
-        return self.tp.reduce(np.ascontiguousarray(out))  # one all-reduce per MoE layer

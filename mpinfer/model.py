@@ -19,18 +19,19 @@ import numpy as np
 
 from . import rope
 from .backend import get_backend
-from .layers import MLP, TP, Attention, MoE, RMSNorm, check_tp, kv_heads_of
+from .layers import MLP, TP, Attention, RMSNorm, check_tp, kv_heads_of
+from .moe import EP, MoE, check_ep
 from .weights import open_checkpoint
 
 
 class Block:
-    def __init__(self, cfg, be, ckpt, layer, tp, slot):
+    def __init__(self, cfg, be, ckpt, layer, tp, ep, slot):
         p = f"model.layers.{layer}"
         self.input_norm = RMSNorm(be, ckpt, f"{p}.input_layernorm", cfg.hidden_size, cfg.rms_eps)
         self.attn = Attention(cfg, be, ckpt, layer, tp, slot)
         self.post_attention_norm = RMSNorm(be, ckpt, f"{p}.post_attention_layernorm", cfg.hidden_size, cfg.rms_eps)
         moe = cfg.moe_layers and cfg.moe_layers[layer]
-        self.mlp = MoE(cfg, be, ckpt, layer, tp) if moe else MLP(cfg, be, ckpt, layer, tp)
+        self.mlp = MoE(cfg, be, ckpt, layer, tp, ep) if moe else MLP(cfg, be, ckpt, layer, tp)
 
     def __call__(self, x, cos, sin, kv, batch):
         x = x + self.attn(self.input_norm(x), cos, sin, kv, batch)
@@ -45,13 +46,18 @@ class Decoder:
 
     layers: the range of layers this rank holds (a pipeline stage); the first stage also
     holds the embedding, the last the final norm and the LM head. Its KV cache pool holds
-    those layers only."""
+    those layers only.
 
-    def __init__(self, ckpt, be, tp_group=None, layers=None):
+    ep: moe.EP, this rank's place for expert parallelism (default: none; every expert here,
+    split over the TP group like the dense MLP)."""
+
+    def __init__(self, ckpt, be, tp_group=None, layers=None, ep=None):
         cfg = self.config = ckpt.config
         self.be = be
         self.tp = tp = TP(tp_group)
+        ep = ep or EP(slices=tp.size, slice=tp.rank)
         check_tp(cfg, tp.size)
+        check_ep(cfg, ep.size, ep.slices)
         self.layers = layers or (0, cfg.num_layers)
         self.first, self.last = self.layers[0] == 0, self.layers[1] == cfg.num_layers
         self.kv_heads = kv_heads_of(cfg, tp)[1]  # per rank: the KV cache's head count
@@ -62,7 +68,7 @@ class Decoder:
         # Reading (and dequantizing) is large numpy work that releases the GIL: one thread
         # per core roughly halves load time on 2 cores.
         with ThreadPoolExecutor(min(4, len(os.sched_getaffinity(0)))) as pool:
-            self.blocks = list(pool.map(lambda i: Block(cfg, be, ckpt, i, tp, i - self.layers[0]), range(*self.layers)))
+            self.blocks = list(pool.map(lambda i: Block(cfg, be, ckpt, i, tp, ep, i - self.layers[0]), range(*self.layers)))
         if self.last:
             self.norm = RMSNorm(be, ckpt, "model.norm", cfg.hidden_size, cfg.rms_eps)
             if cfg.tie_embeddings:
@@ -99,10 +105,14 @@ class Decoder:
             x = block(x, cos, sin, batch.pool, batch)
         return x
 
+    def moe_layers(self):
+        """{layer id: MoE} of this rank's MoE layers."""
+        return {self.layers[0] + i: b.mlp for i, b in enumerate(self.blocks) if isinstance(b.mlp, MoE)}
+
     def expert_load(self):
         """(MoE layers of this rank, E) routed (token, expert) pairs so far, and their layer ids."""
-        moe = [(self.layers[0] + i, b.mlp.load) for i, b in enumerate(self.blocks) if isinstance(b.mlp, MoE)]
-        return [i for i, _ in moe], np.array([load for _, load in moe]).reshape(len(moe), -1)
+        moe = self.moe_layers()
+        return list(moe), np.array([m.load for m in moe.values()]).reshape(len(moe), -1)
 
     def logits(self, x):
         """(R, D) final hidden states -> (R, V/P) float32 logits of this rank's vocabulary rows."""

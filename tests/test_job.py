@@ -98,7 +98,7 @@ def test_missing_job_file(job_dir):
 
 def test_unknown_section_and_key(job_dir):
     path = write(job_dir, BASE + "[paralel]\ntp = 2\n")
-    assert error(path) == f"{path}: unknown section [paralel] (known: model, input, output, sampling, parallel, engine)"
+    assert error(path) == f"{path}: unknown section [paralel] (known: model, input, output, sampling, parallel, engine, moe)"
     path = write(job_dir, BASE + "[parallel]\ntq = 2\n")
     assert error(path) == f"{path}: parallel.tq: unknown key (known: tp, pp, ep, cp, micro_batches)"
     path = write(job_dir, BASE + "[sampling]\ntemp = 2\n")

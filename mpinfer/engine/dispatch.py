@@ -13,7 +13,8 @@ empty list meaning the queue is drained; done {"records", "generated"}; bye {"ge
 "stopped"}; stop (rank 0 was told to stop: finish nothing more, say bye); final {"code"}.
 While a replica waits, it polls with short sleeps instead of a blocking MPI call, because
 MPICH's blocking calls spin and would steal a core from the ranks that compute. On rank 0
-only the service thread calls MPI while the job runs (MPI_THREAD_SERIALIZED is enough).
+the service thread and the replica's collectives (TP, EP groups) call MPI at the same time,
+on different communicators (MPI_THREAD_MULTIPLE, mpi4py's default).
 """
 
 import collections
@@ -192,6 +193,29 @@ class LocalQueue:
         with self.d.lock:
             self.d.generated[0] = generated
         self.d.said_bye(stopped)
+
+
+class ListQueue:
+    """A fixed list of requests in place of rank 0's queue (experts.py's routing pass); what
+    finishes is dropped."""
+
+    def __init__(self, requests):
+        self.requests = list(requests)
+        self.drained = not self.requests
+
+    def check(self, stop):
+        pass
+
+    def take(self, n, block=False):
+        got, self.requests = self.requests[:n], self.requests[n:]
+        self.drained = not self.requests
+        return got
+
+    def put(self, records, generated):
+        pass
+
+    def close(self, generated, stopped):
+        pass
 
 
 class RemoteQueue:

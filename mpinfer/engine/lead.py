@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from ..errors import EXIT_OK, EXIT_RESUMABLE
-from . import dispatch
+from . import dispatch, experts
 from .progress import Progress
 
 
@@ -52,10 +52,11 @@ class Writer(threading.Thread):
             raise RuntimeError("the results writer failed") from self.error
 
 
-def lead(job, setup, topo, replica, comm, stop, t0, loaded):
+def lead(job, setup, topo, replica, comm, stop, t0, loaded, gather_moe=None):
     """Rank 0's part of run_job; returns the exit code (sent to every rank). replica:
     pipeline.Replica, rank 0's own; topo: its Topology (the leaders of all replicas are the
-    ranks of its data-parallel group); loaded: every rank's memory and bytes read at load."""
+    ranks of its data-parallel group); loaded: every rank's memory and bytes read at load;
+    gather_moe: for an MoE model, the collective that sums every rank's expert counts."""
     results, total = setup["results"], setup["total"]
     progress = Progress(total, len(results.done))
     writer = Writer(results, job.engine.flush_seconds, t0)
@@ -80,6 +81,10 @@ def lead(job, setup, topo, replica, comm, stop, t0, loaded):
     writer.close()
     progress.update(done[0], sum(dispatcher.generated))
     progress.close()
+    moe = {}
+    if gather_moe is not None:  # this run's counts added to the file's
+        results.set_arrays({**results.arrays, **experts.arrays(gather_moe(), results.arrays)})
+        moe = experts.metrics(results.arrays)
     if results.rows < total:  # stopped by a signal: what is finished goes to the file
         results.flush(time.perf_counter() - t0)
         code = EXIT_RESUMABLE
@@ -88,7 +93,7 @@ def lead(job, setup, topo, replica, comm, stop, t0, loaded):
     else:
         elapsed = time.perf_counter() - t0  # wall_s and the throughput from the same clock reading
         extra = {"startup_s": startup, "ranks.loaded": json.dumps(loaded),  # per rank: weights, KV, peak RSS, read (MiB)
-                 **{f"comm.{k}": v for k, v in topo.counters().items()}}  # rank 0's groups
+                 **{f"comm.{k}": v for k, v in topo.counters().items()}, **moe}  # rank 0's groups
         if topo.pp.size > 1:  # how busy each stage of rank 0's pipeline was while it ran
             busy = np.array(replica.pipe.stage_busy_s)
             extra |= {"pp.micro_batches": len(replica.schedulers), "pp.stage_busy_s": json.dumps(busy.tolist()),

@@ -130,10 +130,16 @@ class Replica:
     """The first stage of one data-parallel replica (all of it when pp = 1). The TP group's
     first rank (the leader) talks to rank 0's queue and broadcasts, before each round, the
     requests it got and whether to stop; every rank of the group then makes the same
-    scheduling decisions and takes part in the same collectives."""
+    scheduling decisions and takes part in the same collectives.
 
-    def __init__(self, schedulers, pipe, tp, stop):
-        self.schedulers, self.pipe, self.tp, self.stop = schedulers, pipe, tp, stop
+    lockstep: the comm.Group of an expert-parallel group spanning replicas, or None. Its
+    replicas' MoE layers exchange tokens, so they run every step together: each round they
+    agree (a logical or over the group) which micro-batches launch a step, a replica without
+    work for one launching an empty step, and they leave the loop together when none of them
+    has anything left. Every stage then sees the same sequence of steps on every replica."""
+
+    def __init__(self, schedulers, pipe, tp, stop, lockstep=None):
+        self.schedulers, self.pipe, self.tp, self.stop, self.lockstep = schedulers, pipe, tp, stop, lockstep
         self.run_s = 0.0
 
     @property
@@ -153,12 +159,19 @@ class Replica:
             for r in order["requests"]:  # to the least loaded micro-batch
                 min(scheds, key=lambda s: len(s.running) + len(s.waiting)).add([r])
             busy = {k for k, _ in inflight}
-            for k, sched in enumerate(scheds):
-                if not order["stop"] and k not in busy and (plan := sched.plan()) is not None:
+            plans = [None if order["stop"] or k in busy else sched.plan() for k, sched in enumerate(scheds)]
+            finished = not inflight and (order["stop"] or (order["drained"] and all(s.idle for s in scheds)))
+            launch = [p is not None for p in plans]
+            if self.lockstep is not None:
+                *launch, active = self.lockstep.any(launch + [not finished])
+                finished = not active
+            for k, go in enumerate(launch):
+                if go:
+                    plan = plans[k] or scheds[k].empty_plan()
                     self.pipe.launch(k, plan)
                     inflight.append((k, plan))
             if not inflight:
-                if order["stop"] or (order["drained"] and all(s.idle for s in scheds)):
+                if finished:
                     break
                 continue
             k, plan = inflight.popleft()

@@ -31,10 +31,11 @@ from ..kvcache import PagedKVCache
 from ..layers import check_tp, kv_heads_per_rank
 from ..mapping import stage_layers
 from ..model import Decoder
+from ..moe import EP, check_ep
 from ..tokenizer import load_tokenizer
 from ..topology import Topology
 from ..weights import open_checkpoint
-from . import dispatch
+from . import dispatch, experts
 from .lead import lead
 from .pipeline import LocalPipe, Pipe, Replica, run_stage
 from .scheduler import Scheduler
@@ -81,35 +82,55 @@ def run_job(job_file, overrides, skip_invalid=False, overwrite=False, comm=MPI.C
         ckpt = setup["ckpt"] if comm.rank == 0 else open_checkpoint(job.model_path)
         tokenizer = setup["tokenizer"] if comm.rank == 0 else load_tokenizer(job.model_path, ckpt)
         # each rank reads only its slices: its TP part of its pipeline stage's layers
-        model = Decoder(ckpt, get_backend(eng.backend), topo.tp, m.layer_range(ckpt.config.num_layers))
+        model = Decoder(ckpt, get_backend(eng.backend), topo.tp, m.layer_range(ckpt.config.num_layers),
+                        EP.of(topo, job.moe.capacity_factor))
     except UserError as e:  # e.g. a weight file truncated after its header
         problem = str(e)
     if _any_problem(comm, problem):
         return EXIT_BAD_INPUT
     largest = _largest_stage(model.config.num_layers, m.pp)
     pool = PagedKVCache.for_model(model, eng.kv_cache_gb * 2**30, eng.block_size, largest)
+    moe = model.config.num_experts > 0
+    if job.moe.hot_experts:  # before the job: rank 0's load figures, or a routing pass to make them
+        hot = dispatch.bcast(comm, setup["hot"] if comm.rank == 0 else None)
+        if "sample" in hot:
+            mine = [dispatch.decode_request(d) for d in hot["sample"][m.dp_rank :: m.dp]]
+            _run(job, model, tokenizer, pool, topo, stop, dispatch.ListQueue(mine))
+            hot = {"load": {str(k): v["load"].tolist() for k, v in experts.gather(comm, model, m).items()}}
+        experts.replicate(model, hot["load"], job.moe.hot_experts)
     loaded = dispatch.allgather(comm, _load_stats(model, pool, ckpt))  # what each rank holds: into the metrics
     try:
-        if m.pp_rank > 0:
-            run_stage(model, pool, topo.pp)
-        else:
+        if comm.rank == 0:
             replica = _replica(job, model, tokenizer, pool, topo, stop)
-            if comm.rank == 0:
-                return lead(job, setup, topo, replica, comm, stop, t0, loaded)
-            replica.run(dispatch.RemoteQueue(comm) if m.tp_rank == 0 else None)
+            return lead(job, setup, topo, replica, comm, stop, t0, loaded,
+                        (lambda: experts.gather(comm, model, m)) if moe else None)
+        _run(job, model, tokenizer, pool, topo, stop, dispatch.RemoteQueue(comm))
+        if moe:
+            experts.gather(comm, model, m)
         return dispatch.poll(comm, 0, dispatch.FINAL, block=True)[2]["code"]
     except UserError as e:  # after the start every failure ends the whole job (the CLI aborts)
         raise RuntimeError(str(e)) from None
 
 
+def _run(job, model, tokenizer, pool, topo, stop, queue):
+    """This rank's part of a run (not rank 0's: lead.py): a later pipeline stage, or a rank of
+    a replica's first stage, its TP leader taking requests from queue."""
+    m = topo.mapping
+    if m.pp_rank > 0:
+        run_stage(model, pool, topo.pp)
+    else:
+        _replica(job, model, tokenizer, pool, topo, stop).run(queue if m.tp_rank == 0 else None)
+
+
 def _replica(job, model, tokenizer, pool, topo, stop):
     """The first stage of a replica: micro_batches schedulers (1 without a pipeline) sharing
-    the KV pool and the engine's limits."""
-    e, pp = job.engine, topo.pp
-    m = job.parallel.micro_batches or pp.size if pp.size > 1 else 1
-    schedulers = [Scheduler(model, tokenizer, pool, e.max_batch_tokens, max(1, e.max_seqs // m)) for _ in range(m)]
+    the KV pool and the engine's limits; with EP across replicas, stepping with its EP group."""
+    e, pp, m = job.engine, topo.pp, topo.mapping
+    k = job.parallel.micro_batches or pp.size if pp.size > 1 else 1
+    schedulers = [Scheduler(model, tokenizer, pool, e.max_batch_tokens, max(1, e.max_seqs // k)) for _ in range(k)]
     pipe = Pipe(model, pp) if pp.size > 1 else LocalPipe(model)
-    return Replica(schedulers, pipe, topo.tp, stop)
+    lockstep = topo.ep if m.tp % m.ep else None
+    return Replica(schedulers, pipe, topo.tp, stop, lockstep)
 
 
 def _load_stats(model, pool, ckpt):
@@ -137,26 +158,33 @@ def _any_problem(comm, problem):
 
 
 def _prepare(job, topo, skip_invalid, overwrite):
-    for key in ("ep", "cp"):
-        if getattr(job.parallel, key) != 1:
-            raise UserError(f"parallel.{key} = {getattr(job.parallel, key)}: only data, tensor and pipeline "
-                            "parallelism (ep = cp = 1) are available in this version")
+    if job.parallel.cp != 1:
+        raise UserError(f"parallel.cp = {job.parallel.cp}: context parallelism is not available in this version")
     ckpt = open_checkpoint(job.model_path)
     cfg = ckpt.config
-    check_tp(cfg, job.parallel.tp)
+    m = topo.mapping
+    try:
+        check_tp(cfg, job.parallel.tp)
+        check_ep(cfg, m.ep, m.moe_tp)
+    except UserError as e:
+        raise UserError(f"{job.path}: {e}") from None
+    experts.check(job, cfg)
     tokenizer = load_tokenizer(job.model_path, ckpt)
     requests = read_prompts(job.input_path, tokenizer, job.sampling, cfg.max_position, cfg.vocab_size, skip_invalid)
     _check_kv_capacity(job, cfg, requests)
     fingerprint = {"model": _model_identity(job.model_path, cfg), "prompts": _sha256(job.input_path),
                    "sampling": dataclasses.asdict(job.sampling)}
-    m = topo.mapping
     layout = {"world": m.world, "dp": m.dp, "tp": m.tp, "pp": m.pp, "ep": m.ep, "cp": m.cp,
               "ranks_per_node": m.ranks_per_node, "blas_threads_per_rank": int(os.environ["OPENBLAS_NUM_THREADS"])}
     attrs = {"mpinfer_version": __version__, "job": job.toml(), "layout": json.dumps(layout), "model": cfg.to_json()}
     lock(job.output_path)  # released when this process ends
     results = ResultsFile(job.output_path, fingerprint, attrs, overwrite)
     todo = [r for r in requests if r.index not in results.done]
-    return dict(ckpt=ckpt, tokenizer=tokenizer, results=results, total=len(requests),
+    hot = None
+    if job.moe.hot_experts:
+        hot = ({"load": experts.load_from_file(job.moe.load_from, cfg)} if job.moe.load_from
+               else {"sample": experts.routing_sample(requests)})
+    return dict(ckpt=ckpt, tokenizer=tokenizer, results=results, total=len(requests), hot=hot,
                 pending=[r for r in todo if r.error is None], invalid=[r for r in todo if r.error is not None])
 
 

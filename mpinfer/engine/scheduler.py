@@ -47,7 +47,7 @@ class Plan:
 
     def __init__(self, scheduled, batch):
         self.scheduled, self.batch = scheduled, batch
-        self.ids = np.concatenate([seq.tokens[seq.cache.length : seq.cache.length + n] for seq, n in scheduled])
+        self.ids = np.concatenate([np.zeros(0, np.int64)] + [seq.tokens[seq.cache.length : seq.cache.length + n] for seq, n in scheduled])
         rows = [i for i, (seq, n) in enumerate(scheduled) if seq.cache.length + n == len(seq.tokens)]
         self.done = [scheduled[i][0] for i in rows]
         self.last_tokens = (np.cumsum(batch.q_lens) - 1)[rows]  # their last new token in the step
@@ -98,6 +98,10 @@ class Scheduler:
                                   f"({self.pool.num_blocks} blocks of {self.pool.block_size}); raise engine.kv_cache_gb")
             return None
         return Plan(scheduled, self.pool.batch([seq.cache for seq, _ in scheduled], [n for _, n in scheduled]))
+
+    def empty_plan(self):
+        """A step with no tokens: an idle replica's part in a step of its expert-parallel group."""
+        return Plan([], self.pool.batch([], []))
 
     def complete(self, plan, chosen):
         """Take the tokens chosen for plan.done (logits.choose()) and apply the stop rules;

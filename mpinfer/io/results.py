@@ -12,7 +12,9 @@ flushing below about 10% of the run time.
 
 Layout: root attributes (the caller's attrs, `fingerprint` JSON, `complete`, `wall_s`, and the
 run metrics after finish()) and group `/requests`, one row per finished request, every
-dataset of the same length, resizable, chunked by CHUNK rows.
+dataset of the same length, resizable, chunked by CHUNK rows. Statistics of the whole job
+that are not per request (e.g. `/moe/expert_load`) are further datasets outside `/requests`,
+each with a `description` attribute, replaced whole by the flush after set_arrays().
 """
 
 import fcntl
@@ -57,7 +59,9 @@ class ResultsFile:
 
     Attributes: done (indices finished by earlier runs), complete (the existing file was a
     finished job), rows_written (rows in the file after the last flush), last_flush_s
-    (duration of the last flush), wall_s_before (wall time recorded by earlier runs).
+    (duration of the last flush), wall_s_before (wall time recorded by earlier runs), arrays
+    ({"moe/expert_load": (array, description)}: the datasets outside /requests, as the
+    existing file holds them until set_arrays() replaces them).
     """
 
     def __init__(self, path, fingerprint: dict, attrs: dict, overwrite=False):
@@ -77,6 +81,7 @@ class ResultsFile:
         self.attrs = dict(attrs)
         self.done, self.complete, self.rows_written, self.wall_s_before = set(), False, 0, 0.0
         self.last_flush_s = 0.0
+        self.arrays, self._arrays_changed = {}, False
         self._records, self._added = [], set()  # buffered until the next flush
         try:  # fails here, before any compute, when the folder is not writable
             with open(self.tmp, "wb"):  # also truncates a tmp left by a run killed mid-flush
@@ -99,6 +104,7 @@ class ResultsFile:
             self.rows_written = len(index)
             self.complete = bool(f.attrs.get("complete", False))
             self.wall_s_before = float(f.attrs.get("wall_s", 0.0))
+            self.arrays = _read_arrays(f)
 
     def add(self, records: list[dict]):
         """Buffer finished requests until the next flush. Each index may be added once per job."""
@@ -110,10 +116,14 @@ class ResultsFile:
             self._added.add(r["index"])
             self._records.append(r)
 
+    def set_arrays(self, arrays: dict):
+        """Replace the datasets outside /requests: {"group/name": (array, description)}."""
+        self.arrays, self._arrays_changed = dict(arrays), True
+
     def flush(self, wall_s: float):
-        """Write the buffered rows (if any, or if the file does not exist yet) with
+        """Write the buffered rows and arrays (if any, or if the file does not exist yet) with
         wall_s = wall_s_before + wall_s and complete=False. wall_s: this run's wall time so far."""
-        if not self._records and self._on_disk:
+        if not self._records and not self._arrays_changed and self._on_disk:
             return
         start = time.perf_counter()
         if self._on_disk:
@@ -123,9 +133,10 @@ class ResultsFile:
             f = _create(self.tmp)
         with f:
             self.rows_written = _append(f["requests"], _columns(self._records))
+            _write_arrays(f, self.arrays)
             _set_attrs(f, {**self._root_attrs(wall_s), "complete": False})
         self._replace()
-        self._records = []
+        self._records, self._arrays_changed = [], False
         self.last_flush_s = time.perf_counter() - start
 
     @property
@@ -153,6 +164,7 @@ class ResultsFile:
             raise ValueError(f"metric names {sorted(clash)} clash with root attributes of the results file")
         with _create(self.tmp) as f:
             self.rows_written = _append(f["requests"], rows)
+            _write_arrays(f, self.arrays)
             _set_attrs(f, {**self._root_attrs(wall_s), "complete": True, **metrics})
         self._replace()
         self._records = []
@@ -249,6 +261,21 @@ def _append(group, cols):
         if m:  # write_direct: `ds[n:] = values` would still guess a 2-D shape (and fail on all-empty rows)
             ds.write_direct(values, dest_sel=np.s_[n:])
     return n + m
+
+
+def _write_arrays(f, arrays):
+    for name, (array, description) in arrays.items():
+        if name in f:
+            del f[name]
+        f.create_dataset(name, data=array).attrs["description"] = description
+
+
+def _read_arrays(f):
+    """{"group/name": (array, description)} of every dataset outside /requests."""
+    found = {}
+    f.visititems(lambda name, obj: found.setdefault(name, (obj[()], obj.attrs.get("description", "")))
+                 if isinstance(obj, h5py.Dataset) and not name.startswith("requests/") else None)
+    return found
 
 
 def _set_attrs(f, attrs):
