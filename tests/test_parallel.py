@@ -1,5 +1,5 @@
-"""Tensor and pipeline parallelism under real `mpiexec`: every layout (with data parallel
-replicas beside it) gives the same tokens as one rank, log-probabilities within 1e-5
+"""Tensor, pipeline and expert parallelism under real `mpiexec`: every layout (with data
+parallel replicas beside it) gives the same tokens as one rank, log-probabilities within 1e-5
 relative, and the traffic of the chapter's formulas (ring all-reduce, d*b per stage boundary)."""
 
 import json
@@ -73,6 +73,40 @@ def test_layouts_match_one_rank(tiny_model, reference, tmp_path, arch, ranks, tp
                 2 * (tp - 1) / tp * f.attrs["comm.tp.all_reduce.bytes"])
 
 
+# Expert parallelism (tiny models: Mixtral 4 experts, Qwen2-MoE 6 with a shared expert,
+# Qwen3-MoE 8): inside a replica (ep divides tp; the rest splits each expert) and across
+# replicas (ep a multiple of tp), with tp, pp and dp beside it, up to 8 ranks.
+EP_GRID = [  # arch, ranks, tp, pp, ep
+    ("mixtral", 2, 1, 1, 2),     # across 2 replicas
+    ("mixtral", 2, 2, 1, 2),     # inside: ep = tp
+    ("mixtral", 4, 1, 1, 4),     # across 4 replicas, one expert each
+    ("mixtral", 4, 2, 1, 4),     # across 2 replicas of tp 2
+    ("mixtral", 4, 1, 2, 2),     # across, an EP group per pipeline stage
+    ("qwen2_moe", 2, 1, 1, 2),
+    ("qwen2_moe", 4, 2, 1, 2),   # inside, 2 replicas beside
+    ("qwen2_moe", 4, 1, 2, 2),
+    ("qwen3_moe", 4, 4, 1, 2),   # inside, each expert split in 2
+    ("qwen3_moe", 4, 4, 1, 4),   # inside, ep = tp
+    ("qwen3_moe", 8, 1, 1, 4),   # two EP groups of 4 replicas
+    ("qwen3_moe", 8, 2, 2, 4),   # across 2 replicas of tp 2 x pp 2, on two "nodes"
+]
+
+
+@pytest.mark.parametrize("arch, ranks, tp, pp, ep", EP_GRID)
+def test_expert_parallel_layouts_match_one_rank(tiny_model, reference, tmp_path, arch, ranks, tp, pp, ep):
+    env = {"MPINFER_RANKS_PER_NODE": "4"} if ranks == 8 else None
+    rows, out = run_rows(tmp_path, tiny_model(arch), ranks, f"parallel.tp={tp}", f"parallel.pp={pp}",
+                         f"parallel.ep={ep}", env=env)
+    assert_same(rows, reference(arch))
+    with h5py.File(out, "r") as f:
+        assert json.loads(f.attrs["layout"])["ep"] == ep
+        load, rank_load = f["moe/expert_load"][()], f["moe/rank_load"][()]
+        fed = sum(len(p) + len(o) - 1 for p, o in zip(rows["prompt_ids"], rows["output_ids"]))
+        assert (load.sum(axis=1) == 2 * fed).all()  # every fed token routed to 2 experts in every MoE layer
+        assert rank_load.shape[1] == ep and (rank_load.sum(axis=1) == 2 * fed).all()
+        assert ("comm.ep.all_to_all.calls" in f.attrs) == (tp % ep != 0)  # tokens move only across replicas
+
+
 def test_traffic_per_token_on_one_replica(tiny_model, tmp_path):
     """With one replica every fed token passes every all-reduce once and crosses the stage
     boundary once: 2 all-reduces per layer (+1 for the embedding) of d * 4 bytes each, ring
@@ -93,6 +127,8 @@ def test_traffic_per_token_on_one_replica(tiny_model, tmp_path):
     (["parallel.tp=4"], None, "parallel.tp = 4 does not divide the model's attention heads 6"),
     (["parallel.tp=2"], {"MPINFER_RANKS_PER_NODE": "1"}, "tp=2 does not divide the 1 ranks of a node"),
     (["parallel.tp=3"], None, "does not divide the world of 4 ranks"),
+    (["parallel.ep=2"], None, "parallel.ep = 2, but the model has no experts"),
+    (["parallel.ep=3"], None, "ep=3 must divide tp=1 (EP inside a replica) or be a multiple of tp that divides"),
 ])
 def test_bad_layouts_are_refused(tiny_model, tmp_path, sets, env, expected):
     job, out = write_job(tmp_path, tiny_model("llama"), prompt_lines(2))

@@ -246,3 +246,16 @@ def test_one_run_per_file(tmp_path):
 def test_unwritable_folder_is_refused_up_front():
     with pytest.raises(UserError, match="^/proc/r.h5: cannot write the results file here"):
         ResultsFile("/proc/r.h5", FP, ATTRS)  # not even root may create files in /proc
+
+
+def test_arrays_outside_requests_survive_resume(tmp_path):
+    path = tmp_path / "r.h5"
+    first = ResultsFile(path, {"job": 1}, {})
+    first.set_arrays({"moe/layers": (np.array([0, 2]), "ids"), "moe/expert_load": (np.ones((2, 4), np.int64), "load")})
+    first.flush(1.0)
+    again = ResultsFile(path, {"job": 1}, {})
+    assert sorted(again.arrays) == ["moe/expert_load", "moe/layers"]
+    assert again.arrays["moe/expert_load"][0].tolist() == [[1] * 4] * 2 and again.arrays["moe/layers"][1] == "ids"
+    again.finish(1.0, {})
+    with h5py.File(path, "r") as f:  # kept by finish() although this run set none
+        assert f["moe/layers"][()].tolist() == [0, 2] and f["moe/expert_load"].attrs["description"] == "load"

@@ -273,8 +273,12 @@ def _write_arrays(f, arrays):
 def _read_arrays(f):
     """{"group/name": (array, description)} of every dataset outside /requests."""
     found = {}
-    f.visititems(lambda name, obj: found.setdefault(name, (obj[()], obj.attrs.get("description", "")))
-                 if isinstance(obj, h5py.Dataset) and not name.startswith("requests/") else None)
+
+    def visit(name, obj):  # returns None: visititems stops at the first other value
+        if isinstance(obj, h5py.Dataset) and not name.startswith("requests/"):
+            found[name] = (obj[()], obj.attrs.get("description", ""))
+
+    f.visititems(visit)
     return found
 
 
@@ -326,6 +330,12 @@ def summary(path) -> dict:
             "mpinfer_version": attrs.get("mpinfer_version"),
             "metrics": {name: value for name, value in sorted(attrs.items()) if name not in NOT_METRICS},
         }
+        if "moe" in f:  # per MoE layer: max / mean load over experts and over EP ranks, pairs dropped
+            moe = f["moe"]
+            out["moe"] = {str(layer): {"imbalance": round(float(a), 3), "rank_imbalance": round(float(b), 3),
+                                       "dropped": int(c)}
+                          for layer, a, b, c in zip(moe["layers"][()], moe["imbalance"][()], moe["rank_imbalance"][()],
+                                                    moe["dropped"][()])}
     for name in ("layout", "model"):
         if name in attrs:
             out[name] = json.loads(attrs[name])
