@@ -16,6 +16,7 @@ from .params import SamplingParams, checked, show
 from .errors import UserError, one_line
 
 BACKENDS = ("auto", "numpy", "cuda")
+CP_METHODS = ("ring", "ulysses")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,8 @@ class Parallel:
     ep: int = 1
     cp: int = 1
     micro_batches: int = 0  # requests groups in flight through a pipeline; 0 = pp
+    cp_method: str = "ring"  # how a long prompt's attention runs over the CP group: ring | ulysses
+    cp_threshold: int = 1024  # prompts of at least this many tokens go through the CP group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +51,9 @@ class Moe:
 # key: (type, test, what the test asks), as in sampling.py
 _AT_LEAST_1 = (int, lambda v: v >= 1, "must be >= 1")
 _PARALLEL_RULES = {"tp": _AT_LEAST_1, "pp": _AT_LEAST_1, "ep": _AT_LEAST_1, "cp": _AT_LEAST_1,
-                   "micro_batches": (int, lambda v: v >= 0, "must be >= 0 (0: as many as pipeline stages)")}
+                   "micro_batches": (int, lambda v: v >= 0, "must be >= 0 (0: as many as pipeline stages)"),
+                   "cp_method": (str, lambda v: v in CP_METHODS, f"must be one of {', '.join(CP_METHODS)}"),
+                   "cp_threshold": _AT_LEAST_1}
 _ENGINE_RULES = {
     "backend": (str, lambda v: v in BACKENDS, f"must be one of {', '.join(BACKENDS)}"),
     "max_batch_tokens": (int, lambda v: v >= 16, "must be >= 16"),

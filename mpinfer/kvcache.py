@@ -9,9 +9,18 @@ it are free, so memory is bounded by the pool, not by the longest request times 
     seq = pool.sequence()          # empty block table
     pool.reserve(seq, 40)          # blocks for 40 tokens, False when the pool is short
     pool.release(seq)              # blocks back to the pool
+
+Under context parallelism (context.py) a long prompt's cache is sharded over the CP group:
+each rank stores its zig-zag share of the prompt and every C-th later token (position % C),
+in its own slots, and remembers their positions (`local`). Every rank reserves the same
+number of blocks for such a sequence, ceil(tokens / C) + 3 (a zig-zag share exceeds
+tokens / C by at most 2, the round robin by 1), so the CP ranks' pools stay alike and their
+schedulers agree.
 """
 
 import numpy as np
+
+from .context import zigzag
 
 
 class SequenceCache:
@@ -20,7 +29,9 @@ class SequenceCache:
     def __init__(self, pool):
         self.pool = pool
         self.blocks = []
-        self.length = 0  # tokens whose K/V are stored and committed
+        self.length = 0  # tokens whose K/V are stored (here, or over the CP group when sharded) and committed
+        self.sharded = False  # a long prompt's cache, spread over the CP group
+        self.local = np.zeros(0, np.int64)  # sharded: positions of the tokens stored here, in slot order
 
 
 class PagedKVCache:
@@ -29,6 +40,7 @@ class PagedKVCache:
         self.k = [np.zeros((num_blocks * block_size, kv_heads, head_dim), np.float32) for _ in range(num_layers)]
         self.v = [np.zeros_like(k) for k in self.k]
         self.free = list(range(num_blocks - 1, -1, -1))  # a stack: lowest ids handed out first
+        self.cp = None  # comm.Group of the CP group under context parallelism (set by the runner)
 
     @staticmethod
     def blocks_for_bytes(cfg, layers, kv_heads, nbytes, block_size):
@@ -54,7 +66,9 @@ class PagedKVCache:
         return SequenceCache(self)
 
     def blocks_needed(self, seq, tokens):
-        """Extra blocks seq needs to hold `tokens` tokens in all."""
+        """Extra blocks seq needs to hold `tokens` tokens in all (its part of them when sharded)."""
+        if seq.sharded:
+            tokens = -(-tokens // self.cp.size) + 3
         return max(0, -(-tokens // self.block_size) - len(seq.blocks))
 
     def reserve(self, seq, tokens):
@@ -67,7 +81,7 @@ class PagedKVCache:
 
     def release(self, seq):
         self.free.extend(reversed(seq.blocks))
-        seq.blocks, seq.length = [], 0
+        seq.blocks, seq.length, seq.local = [], 0, np.zeros(0, np.int64)
 
     def batch(self, seqs, counts):
         """Where a forward pass over seqs (counts[i] new tokens each) reads and writes."""
@@ -80,7 +94,14 @@ class Batch:
     q_lens (B,) new tokens of each sequence; kv_lens (B,) tokens each attends to (cached +
     new); tables (B, max blocks) block ids padded with 0; positions (T,) of the new tokens;
     slots (T,) pool rows their K/V go to. A pipeline stage without the sequences' block
-    tables builds the same geometry from geometry() of the first stage."""
+    tables builds the same geometry from geometry() of the first stage.
+
+    With sequences sharded over a CP group (of_sharded), these describe this rank's part:
+    T its tokens, kv_lens its keys, slots -1 for a token another rank stores; key_pos (B,)
+    per sequence the positions of its keys here (None: 0..kv_len-1), take the indices of
+    this rank's tokens among the step's (None: all), shares every CP rank's positions when
+    the step is one long prompt's prefill (ring or Ulysses attention), counts (B,) the
+    step's new tokens of each sequence over the whole group."""
 
     def __init__(self, pool, q_lens, kv_lens, tables, seqs=()):
         bs = pool.block_size
@@ -92,6 +113,8 @@ class Batch:
                                         [np.arange(k - q, k) for q, k in zip(self.q_lens, self.kv_lens)])
         seq_of_token = np.repeat(np.arange(len(self.q_lens)), self.q_lens)
         self.slots = self.tables[seq_of_token, self.positions // bs] * bs + self.positions % bs
+        self.counts, self.key_pos, self.take, self.shares = self.q_lens, [None] * len(self.q_lens), None, None
+        self._local = {}  # sequence -> its local positions after the step (sharded)
 
     @classmethod
     def of(cls, pool, seqs, counts):
@@ -101,12 +124,63 @@ class Batch:
         tables = np.zeros((len(seqs), max((len(s.blocks) for s in seqs), default=1)), np.int64)
         for i, s in enumerate(seqs):
             tables[i, : len(s.blocks)] = s.blocks
-        return cls(pool, counts, [s.length + n for s, n in zip(seqs, counts)], tables, seqs)
+        if not any(s.sharded for s in seqs):
+            return cls(pool, counts, [s.length + n for s, n in zip(seqs, counts)], tables, seqs)
+        batch = cls(pool, [0] * len(seqs), [0] * len(seqs), tables, seqs)
+        batch._shard(counts)
+        return batch
+
+    def _shard(self, counts):
+        """This rank's part of a step with sharded sequences: a long prompt's whole prefill,
+        alone (its zig-zag share), or decode tokens (every rank computes them, rank
+        position % C stores them)."""
+        cp, bs = self.pool.cp, self.pool.block_size
+        positions, slots, kv_lens, q_lens = [], [], [], []
+        for i, (s, n) in enumerate(zip(self.seqs, counts)):
+            pos = np.arange(s.length, s.length + n)
+            if not s.sharded:
+                mine, stored, keys = pos, pos, None
+            elif n > 1:  # the prefill: the step holds this sequence only, from position 0
+                self.shares = zigzag(n, cp.size)
+                mine = stored = self.take = self.shares[cp.rank]
+                keys = mine
+            else:
+                mine, stored = pos, pos[pos % cp.size == cp.rank]
+                keys = np.concatenate([s.local, stored])
+            at = np.searchsorted(mine, stored)  # stored tokens among mine
+            index = np.arange(len(keys) - len(stored), len(keys)) if keys is not None else stored  # their local slots
+            slot = np.full(len(mine), -1, np.int64)
+            slot[at] = self.tables[i, index // bs] * bs + index % bs
+            positions.append(mine)
+            slots.append(slot)
+            q_lens.append(len(mine))
+            kv_lens.append(len(keys) if keys is not None else s.length + n)
+            self.key_pos[i] = keys
+            if keys is not None:
+                self._local[i] = keys
+        self.counts = np.asarray(counts, np.int64)
+        self.q_lens, self.kv_lens = np.array(q_lens, np.int64), np.array(kv_lens, np.int64)
+        self.positions, self.slots = np.concatenate(positions), np.concatenate(slots)
+
+    def last_rows(self, x, last_tokens):
+        """The hidden states (R, D) of the step's tokens at last_tokens (indices among the
+        step's tokens), on every rank: a long prompt's last token lives on one CP rank only."""
+        if self.shares is None:
+            return x[last_tokens]
+        rows = np.zeros((len(last_tokens), x.shape[1]), np.float32)
+        for j, t in enumerate(last_tokens):
+            owner = next(r for r, share in enumerate(self.shares) if t in share)
+            if owner == self.pool.cp.rank:
+                rows[j] = x[np.searchsorted(self.take, t)]
+            self.pool.cp.bcast(rows[j : j + 1], root=owner)
+        return rows
 
     def geometry(self):
         return {"q_lens": self.q_lens.tolist(), "kv_lens": self.kv_lens.tolist(), "tables": self.tables.tolist()}
 
     def commit(self):
         """The forward pass stored every layer's K/V: the new tokens are now cached."""
-        for s, n in zip(self.seqs, self.q_lens):
+        for i, (s, n) in enumerate(zip(self.seqs, self.counts)):
             s.length += int(n)
+            if i in self._local:
+                s.local = self._local[i]

@@ -16,6 +16,7 @@ held by the P / Hkv ranks whose query heads use it.
 
 import numpy as np
 
+from . import context
 from .errors import UserError
 
 
@@ -99,8 +100,9 @@ class Attention:
     RMSNorm (Qwen3) and a sliding window (Mistral, some Qwen layers), on this rank's H / P
     query heads and their KV heads."""
 
-    def __init__(self, cfg, be, ckpt, layer, tp, slot):
+    def __init__(self, cfg, be, ckpt, layer, tp, slot, cp_method="ring"):
         p = f"model.layers.{layer}.self_attn"
+        self.context = context.ulysses_attention if cp_method == "ulysses" else context.ring_attention
         D, Dh = cfg.hidden_size, cfg.head_dim
         self.be, self.slot, self.window = be, slot, cfg.sliding_windows[layer]  # slot: the layer's place in the KV pool
         self.heads, self.head_dim = cfg.num_heads // tp.size, Dh
@@ -127,10 +129,33 @@ class Attention:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.be.rope(q, cos, sin), self.be.rope(k, cos, sin)
         k_pool, v_pool = kv.k[self.slot], kv.v[self.slot]  # (slots, Hkv/P, Dh)
-        self.be.store_kv(k_pool, batch.slots, k)
-        self.be.store_kv(v_pool, batch.slots, v)
-        out = self.be.paged_attention(q, k_pool, v_pool, batch, self.window)  # (T, H/P, Dh)
+        stored = batch.slots >= 0  # all but, under CP, tokens another rank stores
+        self.be.store_kv(k_pool, batch.slots[stored], k[stored])
+        self.be.store_kv(v_pool, batch.slots[stored], v[stored])
+        if batch.shares is not None:  # one long prompt over the CP group
+            out = self.context(self.be, q, k, v, batch.shares, self.window, kv.cp)
+        else:
+            out = self.be.paged_attention(q, k_pool, v_pool, batch, self.window)  # (T, H/P, Dh)
+            if any(keys is not None for keys in batch.key_pos):
+                self._split_kv(q, k_pool, v_pool, batch, out)
         return self.o_proj(out.reshape(T, self.heads * self.head_dim))
+
+    def _split_kv(self, q, k_pool, v_pool, batch, out):
+        """The rows of sequences sharded over the CP group (decode tokens, on every rank):
+        attention over this rank's shard, merged with the other shards' (split-KV)."""
+        bs, starts = batch.pool.block_size, np.concatenate([[0], np.cumsum(batch.q_lens)])
+        rows, outs, lses = [], [], []
+        for i, keys in enumerate(batch.key_pos):
+            if keys is not None:
+                local = np.arange(len(keys))
+                slots = batch.tables[i, local // bs] * bs + local % bs
+                row = slice(starts[i], starts[i + 1])
+                o, lse = self.be.partial_attention(q[row], k_pool[slots], v_pool[slots], batch.positions[row], keys,
+                                                   self.window)
+                rows.append(np.arange(starts[i], starts[i + 1]))
+                outs.append(o)
+                lses.append(lse)
+        out[np.concatenate(rows)] = context.split_kv_merge(np.concatenate(outs), np.concatenate(lses), batch.pool.cp)
 
 
 class MLP:

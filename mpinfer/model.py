@@ -25,10 +25,10 @@ from .weights import open_checkpoint
 
 
 class Block:
-    def __init__(self, cfg, be, ckpt, layer, tp, ep, slot):
+    def __init__(self, cfg, be, ckpt, layer, tp, ep, slot, cp_method):
         p = f"model.layers.{layer}"
         self.input_norm = RMSNorm(be, ckpt, f"{p}.input_layernorm", cfg.hidden_size, cfg.rms_eps)
-        self.attn = Attention(cfg, be, ckpt, layer, tp, slot)
+        self.attn = Attention(cfg, be, ckpt, layer, tp, slot, cp_method)
         self.post_attention_norm = RMSNorm(be, ckpt, f"{p}.post_attention_layernorm", cfg.hidden_size, cfg.rms_eps)
         moe = cfg.moe_layers and cfg.moe_layers[layer]
         self.mlp = MoE(cfg, be, ckpt, layer, tp, ep) if moe else MLP(cfg, be, ckpt, layer, tp)
@@ -49,9 +49,10 @@ class Decoder:
     those layers only.
 
     ep: moe.EP, this rank's place for expert parallelism (default: none; every expert here,
-    split over the TP group like the dense MLP)."""
+    split over the TP group like the dense MLP). cp_method: "ring" or "ulysses", how a long
+    prompt's prefill attention runs over the CP group of its KV pool (context.py)."""
 
-    def __init__(self, ckpt, be, tp_group=None, layers=None, ep=None):
+    def __init__(self, ckpt, be, tp_group=None, layers=None, ep=None, cp_method="ring"):
         cfg = self.config = ckpt.config
         self.be = be
         self.tp = tp = TP(tp_group)
@@ -68,7 +69,7 @@ class Decoder:
         # Reading (and dequantizing) is large numpy work that releases the GIL: one thread
         # per core roughly halves load time on 2 cores.
         with ThreadPoolExecutor(min(4, len(os.sched_getaffinity(0)))) as pool:
-            self.blocks = list(pool.map(lambda i: Block(cfg, be, ckpt, i, tp, ep, i - self.layers[0]), range(*self.layers)))
+            self.blocks = list(pool.map(lambda i: Block(cfg, be, ckpt, i, tp, ep, i - self.layers[0], cp_method), range(*self.layers)))
         if self.last:
             self.norm = RMSNorm(be, ckpt, "model.norm", cfg.hidden_size, cfg.rms_eps)
             if cfg.tie_embeddings:

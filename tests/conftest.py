@@ -34,6 +34,11 @@ ARCHS = {
 }
 
 
+# Models that are not in every layout grid: a Qwen3 for prompts of thousands of tokens
+# (context parallelism).
+MORE = {"qwen3_long": dict(ARCHS["qwen3"], max_position_embeddings=4608)}
+
+
 def build_hf_model(arch, folder, seed=0, **save_kwargs):
     import torch
     import transformers
@@ -43,7 +48,7 @@ def build_hf_model(arch, folder, seed=0, **save_kwargs):
     name = classes[arch if arch in classes else arch.split("_")[0]]
     config_cls = getattr(transformers, f"{name}Config")
     model_cls = getattr(transformers, f"{name}ForCausalLM")
-    config = config_cls(**{**TINY, **ARCHS[arch]})
+    config = config_cls(**{**TINY, **{**ARCHS, **MORE}[arch]})
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     with torch.no_grad():  # weights large enough that logits are far from uniform

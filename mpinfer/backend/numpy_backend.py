@@ -93,24 +93,36 @@ class NumpyBackend:
     def attention(self, q, k, v, q_pos, window):
         """Causal grouped-query attention of one sequence against its cache.
         q (T, H, Dh); k, v (S, Hkv, Dh) holding positions 0..S-1; q_pos (T,) positions of the
-        queries. Key j is visible to the query at p when j <= p and (window == 0 or p - j < window).
-        Returns (T, H, Dh)."""
+        queries. Returns (T, H, Dh)."""
+        return self.partial_attention(q, k, v, q_pos, np.arange(len(k)), window)[0]
+
+    def partial_attention(self, q, k, v, q_pos, k_pos, window):
+        """Attention of queries q (T, H, Dh) at positions q_pos (T,) over the keys k, v
+        (S, Hkv, Dh) at positions k_pos (S,) only: key j is visible to the query at p when
+        k_pos[j] <= p and (window == 0 or p - k_pos[j] < window). Returns out (T, H, Dh),
+        normalised over these keys, and lse (T, H) float32, the log-sum-exp of their scaled
+        scores (-inf, and out 0, where none is visible), so that partial results over disjoint
+        key sets merge exactly (context.merge)."""
         T, H, Dh = q.shape
         S, Hkv, _ = k.shape
         G = H // Hkv
         qg = q.reshape(T, Hkv, G, Dh).transpose(1, 2, 0, 3)  # (Hkv, G, T, Dh)
         scores = qg @ k.transpose(1, 2, 0)[:, None]  # (Hkv, G, T, S)
         scores *= 1.0 / np.sqrt(Dh)
-        k_pos = np.arange(S)
         visible = k_pos[None, :] <= q_pos[:, None]  # (T, S)
         if window:
             visible &= q_pos[:, None] - k_pos[None, :] < window
         scores = np.where(visible, scores, -np.inf)
-        scores -= scores.max(axis=-1, keepdims=True)
-        p = np.exp(scores)
-        p /= p.sum(axis=-1, keepdims=True)
+        top = scores.max(axis=-1, keepdims=True, initial=-np.inf)  # (Hkv, G, T, 1); -inf with no key
+        top = np.where(np.isfinite(top), top, 0.0)
+        p = np.exp(scores - top)
+        total = p.sum(axis=-1, keepdims=True)
+        with np.errstate(divide="ignore"):
+            lse = (np.log(total) + top)[..., 0]  # (Hkv, G, T)
+        p /= np.where(total > 0, total, 1.0)
         out = p @ v.transpose(1, 0, 2)[:, None]  # (Hkv, G, T, Dh)
-        return out.transpose(2, 0, 1, 3).reshape(T, H, Dh)
+        return (out.transpose(2, 0, 1, 3).reshape(T, H, Dh),
+                lse.transpose(2, 0, 1).reshape(T, H).astype(np.float32))
 
     def store_kv(self, pool, slots, x):
         # pool (slots total, Hkv, Dh) of one layer; the new tokens' x (T, Hkv, Dh) go to rows slots (T,)
@@ -120,13 +132,15 @@ class NumpyBackend:
         """attention() for every sequence of a batch, reading K/V from the paged pools.
         q (T, H, Dh), the sequences' new tokens concatenated; batch: kvcache.Batch (block
         tables, kv_lens, q_lens). Sequences with one new token (decode) are computed
-        DECODE_CHUNK at a time; prefill chunks one by one. Returns (T, H, Dh)."""
+        DECODE_CHUNK at a time; prefill chunks one by one. Returns (T, H, Dh); the rows of
+        sequences sharded over a CP group (batch.key_pos) are left to the caller."""
         bs = batch.pool.block_size
         starts = np.concatenate([[0], np.cumsum(batch.q_lens)])
         out = np.empty_like(q)
-        decode = np.flatnonzero(batch.q_lens == 1)
+        plain = np.array([k is None for k in batch.key_pos], bool)  # others: sharded over a CP group
+        decode = np.flatnonzero((batch.q_lens == 1) & plain)
         tasks = [decode[c : c + DECODE_CHUNK] for c in range(0, len(decode), DECODE_CHUNK)]
-        tasks += [[i] for i in np.flatnonzero(batch.q_lens > 1)]
+        tasks += [[i] for i in np.flatnonzero((batch.q_lens > 1) & plain)]
 
         def run(seqs):
             if batch.q_lens[seqs[0]] == 1:

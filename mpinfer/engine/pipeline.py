@@ -30,10 +30,11 @@ HEADER, ACT, RESULT = 21, 22, 23
 NOTHING = {"tokens": [], "logprobs": [], "top_ids": [], "top_logprobs": []}  # a step that finished no prompt
 
 
-def _choose(model, x, last_tokens, wants):
-    if not wants:  # the same on every TP rank: no collective is skipped by one rank alone
+def _choose(model, last_rows, wants):
+    """last_rows() -> the final hidden states (R, D) of the tokens that get a token."""
+    if not wants:  # the same on every TP and CP rank: no collective is skipped by one rank alone
         return dict(NOTHING)
-    logits = model.logits(x[last_tokens])  # (R, V/P)
+    logits = model.logits(last_rows())  # (R, V/P)
     return choose(VocabShards(logits, model.vocab_offset, model.tp.group), wants)
 
 
@@ -44,9 +45,11 @@ class LocalPipe:
         self.model, self.result = model, None
 
     def launch(self, k, plan):
-        x = self.model.run_layers(self.model.embed_tokens(plan.ids), plan.batch)
-        plan.batch.commit()
-        self.result = _choose(self.model, x, plan.last_tokens, plan.wants())
+        batch = plan.batch  # under CP: this rank's tokens of the step (take)
+        ids = plan.ids if batch.take is None else plan.ids[batch.take]
+        x = self.model.run_layers(self.model.embed_tokens(ids), batch)
+        batch.commit()
+        self.result = _choose(self.model, lambda: batch.last_rows(x, plan.last_tokens), plan.wants())
 
     def land(self, k, plan):
         return self.result
@@ -117,7 +120,7 @@ def run_stage(model, pool, pp):
         x = model.run_layers(x, Batch(pool, header["q_lens"], header["kv_lens"], header["tables"]))
         if last:
             wants = [(SamplingParams.from_json(p), key, step) for p, key, step in header["wants"]]
-            chosen = _choose(model, x, header["last_tokens"], wants)
+            chosen = _choose(model, lambda: x[header["last_tokens"]], wants)
             chosen["busy"] = header["busy"] + [time.perf_counter() - t]
             outbox.send(0, RESULT, chosen)
         else:
@@ -128,9 +131,10 @@ def run_stage(model, pool, pp):
 
 class Replica:
     """The first stage of one data-parallel replica (all of it when pp = 1). The TP group's
-    first rank (the leader) talks to rank 0's queue and broadcasts, before each round, the
-    requests it got and whether to stop; every rank of the group then makes the same
-    scheduling decisions and takes part in the same collectives.
+    first rank (the leader; with context parallelism, the first of its CP group's) talks to
+    rank 0's queue and broadcasts, before each round, the requests it got and whether to
+    stop; every rank of the groups then makes the same scheduling decisions and takes part
+    in the same collectives.
 
     lockstep: the comm.Group of an expert-parallel group spanning replicas, or None. Its
     replicas' MoE layers exchange tokens, so they run every step together: each round they
@@ -138,8 +142,9 @@ class Replica:
     work for one launching an empty step, and they leave the loop together when none of them
     has anything left. Every stage then sees the same sequence of steps on every replica."""
 
-    def __init__(self, schedulers, pipe, tp, stop, lockstep=None):
+    def __init__(self, schedulers, pipe, tp, stop, lockstep=None, cp=None):
         self.schedulers, self.pipe, self.tp, self.stop, self.lockstep = schedulers, pipe, tp, stop, lockstep
+        self.cp = cp if cp is not None and cp.size > 1 else None  # CP ranks schedule alike too
         self.run_s = 0.0
 
     @property
@@ -196,9 +201,12 @@ class Replica:
             order = {"stop": self.stop.is_set(), "drained": queue.drained, "requests": new}
         else:
             order = None
-        if self.tp.size == 1:
+        if self.tp.size == 1 and self.cp is None:
             return order
         if order is not None:
             order = {**order, "requests": [dispatch.encode_request(r) for r in order["requests"]]}
-        order = dispatch.bcast(self.tp.comm, order)
+        if self.cp is not None and self.tp.rank == 0:  # the leader's CP group, then each one's TP group
+            order = dispatch.bcast(self.cp.comm, order)
+        if self.tp.size > 1:
+            order = dispatch.bcast(self.tp.comm, order)
         return {**order, "requests": [dispatch.decode_request(d) for d in order["requests"]]}

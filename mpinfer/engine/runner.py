@@ -21,7 +21,7 @@ import time
 
 from mpi4py import MPI
 
-from .. import __version__
+from .. import __version__, context
 from ..backend import get_backend
 from ..errors import EXIT_BAD_INPUT, EXIT_OK, UserError
 from ..io.prompts import read_prompts
@@ -83,13 +83,14 @@ def run_job(job_file, overrides, skip_invalid=False, overwrite=False, comm=MPI.C
         tokenizer = setup["tokenizer"] if comm.rank == 0 else load_tokenizer(job.model_path, ckpt)
         # each rank reads only its slices: its TP part of its pipeline stage's layers
         model = Decoder(ckpt, get_backend(eng.backend), topo.tp, m.layer_range(ckpt.config.num_layers),
-                        EP.of(topo, job.moe.capacity_factor))
+                        EP.of(topo, job.moe.capacity_factor), job.parallel.cp_method)
     except UserError as e:  # e.g. a weight file truncated after its header
         problem = str(e)
     if _any_problem(comm, problem):
         return EXIT_BAD_INPUT
     largest = _largest_stage(model.config.num_layers, m.pp)
     pool = PagedKVCache.for_model(model, eng.kv_cache_gb * 2**30, eng.block_size, largest)
+    pool.cp = topo.cp
     moe = model.config.num_experts > 0
     if job.moe.hot_experts:  # before the job: rank 0's load figures, or a routing pass to make them
         hot = dispatch.bcast(comm, setup["hot"] if comm.rank == 0 else None)
@@ -119,7 +120,7 @@ def _run(job, model, tokenizer, pool, topo, stop, queue):
     if m.pp_rank > 0:
         run_stage(model, pool, topo.pp)
     else:
-        _replica(job, model, tokenizer, pool, topo, stop).run(queue if m.tp_rank == 0 else None)
+        _replica(job, model, tokenizer, pool, topo, stop).run(queue if m.tp_rank == m.cp_rank == 0 else None)
 
 
 def _replica(job, model, tokenizer, pool, topo, stop):
@@ -127,10 +128,12 @@ def _replica(job, model, tokenizer, pool, topo, stop):
     the KV pool and the engine's limits; with EP across replicas, stepping with its EP group."""
     e, pp, m = job.engine, topo.pp, topo.mapping
     k = job.parallel.micro_batches or pp.size if pp.size > 1 else 1
-    schedulers = [Scheduler(model, tokenizer, pool, e.max_batch_tokens, max(1, e.max_seqs // k)) for _ in range(k)]
+    long_prompt = job.parallel.cp_threshold if m.cp > 1 else 0
+    schedulers = [Scheduler(model, tokenizer, pool, e.max_batch_tokens, max(1, e.max_seqs // k), long_prompt)
+                  for _ in range(k)]
     pipe = Pipe(model, pp) if pp.size > 1 else LocalPipe(model)
     lockstep = topo.ep if m.tp % m.ep else None
-    return Replica(schedulers, pipe, topo.tp, stop, lockstep)
+    return Replica(schedulers, pipe, topo.tp, stop, lockstep, topo.cp)
 
 
 def _load_stats(model, pool, ckpt):
@@ -158,14 +161,13 @@ def _any_problem(comm, problem):
 
 
 def _prepare(job, topo, skip_invalid, overwrite):
-    if job.parallel.cp != 1:
-        raise UserError(f"parallel.cp = {job.parallel.cp}: context parallelism is not available in this version")
     ckpt = open_checkpoint(job.model_path)
     cfg = ckpt.config
     m = topo.mapping
     try:
         check_tp(cfg, job.parallel.tp)
         check_ep(cfg, m.ep, m.moe_tp)
+        _check_cp(job.parallel, cfg)
     except UserError as e:
         raise UserError(f"{job.path}: {e}") from None
     experts.check(job, cfg)
@@ -188,13 +190,28 @@ def _prepare(job, topo, skip_invalid, overwrite):
                 pending=[r for r in todo if r.error is None], invalid=[r for r in todo if r.error is not None])
 
 
+def _check_cp(p, cfg):
+    if p.cp == 1:
+        return
+    if p.pp > 1 or p.ep > 1:
+        raise UserError(f"parallel.cp = {p.cp} with pp = {p.pp}, ep = {p.ep}: context parallelism combines with "
+                        "tp and dp only in this version")
+    heads = cfg.num_heads // p.tp
+    why = context.check_ulysses(heads, kv_heads_per_rank(cfg, p.tp), p.cp) if p.cp_method == "ulysses" else None
+    if why:
+        raise UserError(f"parallel.cp_method = \"ulysses\": {why}; use \"ring\"")
+
+
 def _check_kv_capacity(job, cfg, requests):
     """Refuse, before any compute, a request that could never fit the replica's KV cache."""
     e = job.engine
     layers, kv_heads = _largest_stage(cfg.num_layers, job.parallel.pp), kv_heads_per_rank(cfg, job.parallel.tp)
     capacity = PagedKVCache.blocks_for_bytes(cfg, layers, kv_heads, e.kv_cache_gb * 2**30, e.block_size) * e.block_size
+    p = job.parallel
     for r in requests:
         need = min(len(r.prompt_ids) + r.sampling.max_new_tokens, cfg.max_position)
+        if p.cp > 1 and len(r.prompt_ids) >= p.cp_threshold:  # sharded over the CP group (kvcache.py)
+            need = -(-need // p.cp) + 3
         if r.error is None and need > capacity:
             raise UserError(f"{job.path}: engine.kv_cache_gb = {e.kv_cache_gb} holds {capacity} tokens per replica, "
                             f"but request {r.id!r} (line {r.index + 1}) may need {need}; raise engine.kv_cache_gb")

@@ -50,7 +50,7 @@ class Plan:
         self.ids = np.concatenate([np.zeros(0, np.int64)] + [seq.tokens[seq.cache.length : seq.cache.length + n] for seq, n in scheduled])
         rows = [i for i, (seq, n) in enumerate(scheduled) if seq.cache.length + n == len(seq.tokens)]
         self.done = [scheduled[i][0] for i in rows]
-        self.last_tokens = (np.cumsum(batch.q_lens) - 1)[rows]  # their last new token in the step
+        self.last_tokens = (np.cumsum(batch.counts) - 1)[rows]  # their last new token in the step
 
     def wants(self):
         """(params, request key, step) of each done sequence, for logits.choose()."""
@@ -58,9 +58,13 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, model, tokenizer, pool, max_batch_tokens, max_seqs):
+    """long_prompt: under context parallelism, prompts of at least this many tokens have
+    their cache sharded over the CP group and their whole prefill in a step of their own
+    (its tokens split over the group, however many); 0 = no context parallelism."""
+
+    def __init__(self, model, tokenizer, pool, max_batch_tokens, max_seqs, long_prompt=0):
         self.model, self.tokenizer, self.pool = model, tokenizer, pool
-        self.max_batch_tokens, self.max_seqs = max_batch_tokens, max_seqs
+        self.max_batch_tokens, self.max_seqs, self.long_prompt = max_batch_tokens, max_seqs, long_prompt
         self.context = model.config.max_position
         self.eos = frozenset(model.config.eos_token_ids)
         self.waiting = collections.deque()  # Sequence, oldest first
@@ -69,7 +73,10 @@ class Scheduler:
 
     def add(self, requests):
         now = time.perf_counter()
-        self.waiting.extend(Sequence(r, self.pool.sequence(), now) for r in requests)
+        for r in requests:
+            seq = Sequence(r, self.pool.sequence(), now)
+            seq.cache.sharded = 0 < self.long_prompt <= len(seq.tokens)
+            self.waiting.append(seq)
 
     @property
     def idle(self):
@@ -133,6 +140,11 @@ class Scheduler:
 
     def _schedule(self):
         """[(sequence, new tokens)] for this step within the token budget and the KV pool."""
+        if self.waiting and self.waiting[0].cache.sharded and len(self.running) < self.max_seqs:
+            seq = self.waiting[0]  # a long prompt: its whole prefill over the CP group, alone
+            if self.pool.blocks_needed(seq.cache, len(seq.tokens) + 1) <= len(self.pool.free):
+                self.running.append(self.waiting.popleft())
+                return [(seq, seq.todo)]
         budget, scheduled = self.max_batch_tokens, []
         for seq in list(self.running):  # decodes first (todo == 1), then unfinished prefills
             if budget == 0:
@@ -150,6 +162,8 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
+            if seq.cache.sharded:  # waits for a step of its own (above)
+                break
             n = min(seq.todo, budget)
             # admit only when the whole prompt fits the free blocks, not just this chunk
             if self.pool.blocks_needed(seq.cache, len(seq.tokens) + 1) > len(self.pool.free):
