@@ -3,7 +3,9 @@
 Each Group wraps the MPI sub-communicator of one kind (tp, cp, pp, dp, ep; built by
 Topology) and counts, per operation, the calls and the payload bytes, plus for all_reduce
 the bytes a ring all-reduce moves per rank, 2 (T-1)/T * nbytes over a group of T ranks
-(the chapter's cost model, DESIGN.md section 4). A group of one rank does nothing and
+(the chapter's cost model, DESIGN.md section 4), and the seconds this rank spent in the
+operation (the call, and waiting on its request: time a late peer makes it wait included),
+which the planner's predictions are checked against. A group of one rank does nothing and
 counts nothing, so single-rank code calls the same functions at no cost.
 
 Buffers are NumPy arrays passed to mpi4py's uppercase (buffer) methods: no pickle. MPI
@@ -36,10 +38,11 @@ def wait(mpi_request, poll_s=POLL_S):
 
 
 class Request:
-    """A pending send or receive; keeps its buffer alive until wait() returns."""
+    """A pending send or receive; keeps its buffer alive until wait() returns. timer(seconds),
+    when given, is told how long wait() took."""
 
-    def __init__(self, mpi_request, buffer):
-        self.request, self.buffer = mpi_request, buffer
+    def __init__(self, mpi_request, buffer, timer=None):
+        self.request, self.buffer, self.timer = mpi_request, buffer, timer
 
     def test(self):
         """True once the operation has completed (never blocks)."""
@@ -47,7 +50,10 @@ class Request:
 
     def wait(self):
         """Block until the operation completes, polling (see the module docstring)."""
+        start = time.perf_counter()
         wait(self.request)
+        if self.timer is not None:
+            self.timer(time.perf_counter() - start)
 
 
 class Group:
@@ -55,20 +61,25 @@ class Group:
 
     .comm the mpi4py communicator, .name ("tp", "pp", ...), .size, .rank (my position,
     which is my place in the Mapping's group of this kind). .counts = {op: {"calls": n,
-    "bytes": payload bytes[, "ring_bytes": ...]}}.
+    "bytes": payload bytes[, "ring_bytes": ...]}}; .seconds = {op: seconds spent in it}.
     """
 
     def __init__(self, mpi_comm, name):
         self.comm, self.name = mpi_comm, name
         self.size, self.rank = mpi_comm.Get_size(), mpi_comm.Get_rank()
-        self.counts = {}
+        self.counts, self.seconds = {}, {}
 
-    def _count(self, op, nbytes, **extra):
+    def _count(self, op, nbytes, start, **extra):
+        """One call of op moving nbytes, begun at perf_counter() = start."""
+        self._time(op, time.perf_counter() - start)
         c = self.counts.setdefault(op, {"calls": 0, "bytes": 0, **{k: 0 for k in extra}})
         c["calls"] += 1
         c["bytes"] += nbytes
         for k, v in extra.items():
             c[k] += v
+
+    def _time(self, op, seconds):
+        self.seconds[op] = self.seconds.get(op, 0.0) + seconds
 
     def all_reduce(self, x):
         """x <- sum of x over the group, in place; returns x. x: C-contiguous array.
@@ -79,9 +90,10 @@ class Group:
         if self.size == 1:
             return x
         _check_contiguous(x, "all_reduce")
+        start = time.perf_counter()
         self.comm.Allreduce(MPI.IN_PLACE, x, op=MPI.SUM)
         # ring all-reduce: reduce-scatter then all-gather, each (T-1) steps of nbytes/T
-        self._count("all_reduce", x.nbytes, ring_bytes=2 * (self.size - 1) / self.size * x.nbytes)
+        self._count("all_reduce", x.nbytes, start, ring_bytes=2 * (self.size - 1) / self.size * x.nbytes)
         return x
 
     def all_gather(self, x):
@@ -91,8 +103,9 @@ class Group:
             return x[None]
         x = np.ascontiguousarray(x)
         out = np.empty((self.size, *x.shape), x.dtype)
+        start = time.perf_counter()
         self.comm.Allgather(x, out)
-        self._count("all_gather", x.nbytes)
+        self._count("all_gather", x.nbytes, start)
         return out
 
     def bcast(self, x, root=0):
@@ -100,8 +113,9 @@ class Group:
         if self.size == 1:
             return x
         _check_contiguous(x, "bcast")
+        start = time.perf_counter()
         self.comm.Bcast(x, root=root)
-        self._count("bcast", x.nbytes)
+        self._count("bcast", x.nbytes, start)
         return x
 
     def send(self, x, dest, tag=0):
@@ -109,16 +123,18 @@ class Group:
 
         Messages between two ranks arrive in the order they were sent (per tag)."""
         x = np.ascontiguousarray(x)
-        request = Request(self.comm.Isend(x, dest=dest, tag=tag), x)
-        self._count("send", x.nbytes)
+        start = time.perf_counter()
+        request = Request(self.comm.Isend(x, dest=dest, tag=tag), x, lambda s: self._time("send", s))
+        self._count("send", x.nbytes, start)
         return request
 
     def recv(self, shape, dtype, source, tag=0):
         """Start receiving an array of this shape and dtype from group rank source;
         returns (Request, array): the array holds the data once the request is waited on."""
         x = np.empty(shape, dtype)
-        request = Request(self.comm.Irecv(x, source=source, tag=tag), x)
-        self._count("recv", x.nbytes)
+        start = time.perf_counter()
+        request = Request(self.comm.Irecv(x, source=source, tag=tag), x, lambda s: self._time("recv", s))
+        self._count("recv", x.nbytes, start)
         return request, x
 
     def all_to_all(self, x, send_counts, recv_counts):
@@ -134,9 +150,10 @@ class Group:
             out[...] = x
             return out
         send, recv = np.asarray(send_counts, np.int64) * row, np.asarray(recv_counts, np.int64) * row
+        start = time.perf_counter()
         wait(self.comm.Ialltoallv([x, (send, _starts(send))], [out, (recv, _starts(recv))]))
         item = x.itemsize * row
-        self._count("all_to_all", x.nbytes, remote_bytes=(int(np.sum(send_counts)) - int(send_counts[self.rank])) * item)
+        self._count("all_to_all", x.nbytes, start, remote_bytes=(int(np.sum(send_counts)) - int(send_counts[self.rank])) * item)
         return out
 
     def exchange_counts(self, counts):
@@ -146,8 +163,9 @@ class Group:
         if self.size == 1:
             return counts.copy()
         out = np.empty_like(counts)
+        start = time.perf_counter()
         wait(self.comm.Ialltoall(counts, out))
-        self._count("exchange_counts", counts.nbytes)
+        self._count("exchange_counts", counts.nbytes, start)
         return out
 
     def any(self, flags):
@@ -160,8 +178,10 @@ class Group:
         return out.astype(bool)
 
     def counters(self):
-        """Flat {"<name>.<op>.<field>": value}, e.g. "tp.all_reduce.ring_bytes", for metrics."""
-        return {f"{self.name}.{op}.{field}": value for op, c in self.counts.items() for field, value in c.items()}
+        """Flat {"<name>.<op>.<field>": value}, e.g. "tp.all_reduce.ring_bytes" or
+        "pp.recv.seconds", for metrics."""
+        flat = {f"{self.name}.{op}.{field}": value for op, c in self.counts.items() for field, value in c.items()}
+        return flat | {f"{self.name}.{op}.seconds": s for op, s in self.seconds.items()}
 
 
 def _starts(counts):
