@@ -13,8 +13,10 @@ import pytest
 from test_parallel import assert_same
 from test_run import BIN, mpinfer, prompt_lines, write_job
 
+from mpinfer.backend.numpy_backend import PREFILL_ROWS, SPLIT_KV, NumpyBackend
 from mpinfer.context import causal_work, zigzag
 from mpinfer.io.results import read_rows
+from mpinfer.kvcache import Batch, PagedKVCache
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "mpi_context_check.py")
 LENGTHS = (1, 5, 63, 64, 300, 1500, 4000)  # prompts of at least THRESHOLD tokens go through the CP group
@@ -101,3 +103,24 @@ def test_bad_cp_layouts_are_refused(tiny_model, tmp_path, ranks, sets, expected)
     err = done.stderr.strip().splitlines()[-1]
     assert err.startswith("mpinfer: error: ") and expected in err, done.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("window", [0, 100])
+def test_one_rank_splits_long_attention_exactly(window):
+    """On one rank a long sequence's decode runs in pieces of SPLIT_KV keys merged by
+    log-sum-exp, and a long prefill chunk in blocks of queries: both equal attention over
+    the whole sequence at once."""
+    be, S = NumpyBackend(threads=2), 5000
+    assert S > 2 * SPLIT_KV and 600 > PREFILL_ROWS
+    pool = PagedKVCache(1, 2, 16, num_blocks=S // 16 + 1)
+    seq = pool.sequence()
+    assert pool.reserve(seq, S)
+    rng = np.random.default_rng(0)
+    k, v = (rng.standard_normal((S, 2, 16)).astype(np.float32) for _ in range(2))
+    full = Batch(pool, [S], [S], [seq.blocks])
+    pool.k[0][full.slots], pool.v[0][full.slots] = k, v
+    for new in (1, 600):  # a decode step, a prefill chunk ending at S
+        q = rng.standard_normal((new, 4, 16)).astype(np.float32)
+        got = be.paged_attention(q, pool.k[0], pool.v[0], Batch(pool, [new], [S], [seq.blocks]), window)
+        want = be.attention(q, k, v, np.arange(S - new, S), window)
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

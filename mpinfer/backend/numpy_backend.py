@@ -14,7 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..context import merge
+
 DECODE_CHUNK = 16  # sequences per decode-attention task: its gathered K/V (a few MB) stay in cache
+SPLIT_KV = 2048  # keys per decode-attention task of one long sequence
+PREFILL_ROWS = 256  # queries per attention task of a prefill chunk
 ROW_CHUNK = 64  # rows per task of an element-wise op
 
 
@@ -93,8 +97,15 @@ class NumpyBackend:
     def attention(self, q, k, v, q_pos, window):
         """Causal grouped-query attention of one sequence against its cache.
         q (T, H, Dh); k, v (S, Hkv, Dh) holding positions 0..S-1; q_pos (T,) positions of the
-        queries. Returns (T, H, Dh)."""
-        return self.partial_attention(q, k, v, q_pos, np.arange(len(k)), window)[0]
+        queries. Returns (T, H, Dh). Runs PREFILL_ROWS queries at a time over the keys up to
+        their last position: the causal mask hides the rest, so nearly half the work goes."""
+        out = np.empty(q.shape, np.float32)
+        for r in range(0, len(q), PREFILL_ROWS):
+            rows = slice(r, r + PREFILL_ROWS)
+            last = int(q_pos[rows].max()) + 1
+            out[rows] = self.partial_attention(q[rows], k[:last], v[:last], q_pos[rows], np.arange(min(last, len(k))),
+                                               window)[0]
+        return out
 
     def partial_attention(self, q, k, v, q_pos, k_pos, window):
         """Attention of queries q (T, H, Dh) at positions q_pos (T,) over the keys k, v
@@ -131,30 +142,53 @@ class NumpyBackend:
     def paged_attention(self, q, k_pool, v_pool, batch, window):
         """attention() for every sequence of a batch, reading K/V from the paged pools.
         q (T, H, Dh), the sequences' new tokens concatenated; batch: kvcache.Batch (block
-        tables, kv_lens, q_lens). Sequences with one new token (decode) are computed
-        DECODE_CHUNK at a time; prefill chunks one by one. Returns (T, H, Dh); the rows of
-        sequences sharded over a CP group (batch.key_pos) are left to the caller."""
+        tables, kv_lens, q_lens). Returns (T, H, Dh); the rows of sequences sharded over a CP
+        group (batch.key_pos) are left to the caller. Tasks for the threads: DECODE_CHUNK
+        decoding sequences at a time; a long sequence's decode in pieces of SPLIT_KV keys,
+        merged by log-sum-exp (split-KV, as FlashDecoding); a prefill chunk in blocks of
+        PREFILL_ROWS queries, each over the keys up to its last position."""
         bs = batch.pool.block_size
         starts = np.concatenate([[0], np.cumsum(batch.q_lens)])
         out = np.empty_like(q)
         plain = np.array([k is None for k in batch.key_pos], bool)  # others: sharded over a CP group
         decode = np.flatnonzero((batch.q_lens == 1) & plain)
-        tasks = [decode[c : c + DECODE_CHUNK] for c in range(0, len(decode), DECODE_CHUNK)]
-        tasks += [[i] for i in np.flatnonzero((batch.q_lens > 1) & plain)]
+        long = decode[batch.kv_lens[decode] > SPLIT_KV]
+        short = decode[batch.kv_lens[decode] <= SPLIT_KV]
+        tasks = [("decode", short[c : c + DECODE_CHUNK]) for c in range(0, len(short), DECODE_CHUNK)]
+        tasks += [("piece", i, a) for i in long for a in range(0, batch.kv_lens[i], SPLIT_KV)]
+        tasks += [("rows", i, r) for i in np.flatnonzero((batch.q_lens > 1) & plain)
+                  for r in range(0, batch.q_lens[i], PREFILL_ROWS)]
+        pieces = {}
 
-        def run(seqs):
-            if batch.q_lens[seqs[0]] == 1:
+        def keys(i, a, b):  # pool slots of sequence i's keys at positions a..b-1
+            pos = np.arange(a, b)
+            return batch.tables[i, pos // bs] * bs + pos % bs
+
+        def run(task):
+            if task[0] == "decode":
+                seqs = task[1]
                 rows, lens = starts[seqs], batch.kv_lens[seqs]
                 tables = batch.tables[seqs, : -(-lens.max() // bs)]
                 out[rows] = self._decode_attention(q[rows], k_pool, v_pool, tables, lens, bs, window)
-            else:
-                i = seqs[0]
+            elif task[0] == "piece":
+                _, i, a = task
                 S = batch.kv_lens[i]
-                slots = (batch.tables[i, :, None] * bs + np.arange(bs)).ravel()[:S]
-                seq = slice(starts[i], starts[i + 1])
-                out[seq] = self.attention(q[seq], k_pool[slots], v_pool[slots], np.arange(S - batch.q_lens[i], S), window)
+                slots, row = keys(i, a, min(a + SPLIT_KV, S)), starts[i]
+                pieces[i, a] = self.partial_attention(q[row : row + 1], k_pool[slots], v_pool[slots], np.array([S - 1]),
+                                                      np.arange(a, min(a + SPLIT_KV, S)), window)
+            else:
+                _, i, r = task
+                first = batch.kv_lens[i] - batch.q_lens[i]  # position of the chunk's first token
+                rows = slice(starts[i] + r, starts[i] + min(r + PREFILL_ROWS, batch.q_lens[i]))
+                q_pos = np.arange(first + r, first + r + rows.stop - rows.start)
+                slots = keys(i, 0, q_pos[-1] + 1)
+                out[rows] = self.partial_attention(q[rows], k_pool[slots], v_pool[slots], q_pos,
+                                                   np.arange(q_pos[-1] + 1), window)[0]
 
         self._each(run, tasks)
+        for i in long:
+            parts = [pieces[i, a] for a in range(0, batch.kv_lens[i], SPLIT_KV)]
+            out[starts[i]] = merge(np.stack([o for o, _ in parts]), np.stack([l for _, l in parts]))[0][0]
         return out
 
     def _decode_attention(self, q, k_pool, v_pool, tables, kv_lens, bs, window):
