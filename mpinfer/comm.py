@@ -96,6 +96,33 @@ class Group:
         self._count("all_reduce", x.nbytes, start, ring_bytes=2 * (self.size - 1) / self.size * x.nbytes)
         return x
 
+    def reduce_scatter(self, x, counts):
+        """Sum x (sum(counts), ...) over the group and keep my counts[rank] rows of the sum
+        (MPI_Reduce_scatter). The first half of a ring all-reduce: ring_bytes (T-1)/T * nbytes."""
+        x = np.ascontiguousarray(x)
+        if self.size == 1:
+            return x
+        start = time.perf_counter()
+        row = int(np.prod(x.shape[1:], dtype=np.int64))
+        out = np.empty((int(counts[self.rank]), *x.shape[1:]), x.dtype)
+        self.comm.Reduce_scatter(x, out, [int(c) * row for c in counts], op=MPI.SUM)
+        self._count("reduce_scatter", x.nbytes, start, ring_bytes=(self.size - 1) / self.size * x.nbytes)
+        return out
+
+    def all_gather_rows(self, x, counts):
+        """Every rank's rows (counts[r] of them) stacked in rank order: (sum(counts), ...)
+        (MPI_Allgatherv). The second half of a ring all-reduce: ring_bytes (T-1)/T of the result."""
+        x = np.ascontiguousarray(x)
+        if self.size == 1:
+            return x
+        start = time.perf_counter()
+        row = int(np.prod(x.shape[1:], dtype=np.int64))
+        out = np.empty((int(sum(counts)), *x.shape[1:]), x.dtype)
+        sizes = np.asarray(counts, np.int64) * row
+        self.comm.Allgatherv(x, [out, (sizes, _starts(sizes))])
+        self._count("all_gather_rows", x.nbytes, start, ring_bytes=(self.size - 1) / self.size * out.nbytes)
+        return out
+
     def all_gather(self, x):
         """Every rank's x stacked in rank order: shape (size, *x.shape). For a group of one,
         a view of x (no copy)."""

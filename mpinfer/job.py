@@ -28,6 +28,7 @@ class Parallel:
     micro_batches: int = 0  # requests groups in flight through a pipeline; 0 = pp
     cp_method: str = "ring"  # how a long prompt's attention runs over the CP group: ring | ulysses
     cp_threshold: int = 1024  # prompts of at least this many tokens go through the CP group
+    sp: bool = False  # sequence parallelism inside the TP group: norms and residuals on 1/tp of the tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,8 @@ _AT_LEAST_1 = (int, lambda v: v >= 1, "must be >= 1")
 _PARALLEL_RULES = {"tp": _AT_LEAST_1, "pp": _AT_LEAST_1, "ep": _AT_LEAST_1, "cp": _AT_LEAST_1,
                    "micro_batches": (int, lambda v: v >= 0, "must be >= 0 (0: as many as pipeline stages)"),
                    "cp_method": (str, lambda v: v in CP_METHODS, f"must be one of {', '.join(CP_METHODS)}"),
-                   "cp_threshold": _AT_LEAST_1}
+                   "cp_threshold": _AT_LEAST_1,
+                   "sp": (bool, lambda v: True, "")}
 _ENGINE_RULES = {
     "backend": (str, lambda v: v in BACKENDS, f"must be one of {', '.join(BACKENDS)}"),
     "max_batch_tokens": (int, lambda v: v >= 16, "must be >= 16"),
@@ -113,7 +115,9 @@ def _toml_value(value):
         # JSON string escapes are TOML basic-string escapes; DEL is the one control
         # character JSON leaves raw and TOML refuses
         return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    return repr(value)  # int, or float (always with a "." or an exponent, as TOML wants); no bools yet
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)  # int, or float (always with a "." or an exponent, as TOML wants)
 
 
 def load_job(path, overrides=()):

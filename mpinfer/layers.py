@@ -22,12 +22,43 @@ from .errors import UserError
 
 class TP:
     """This rank's place in its TP group; group None (or of size 1) means no tensor
-    parallelism. group: comm.Group (all_reduce in place)."""
+    parallelism. group: comm.Group (all_reduce in place).
 
-    def __init__(self, group=None):
+    sp: sequence parallelism (Megatron-LM's, with TP). Between the TP regions each rank holds
+    only its 1/P of the tokens' rows (rows()), so norms and residual adds run once per token
+    instead of on every rank: a region starts by gathering the rows (begin: all-gather) and
+    ends by summing and scattering them (finish: reduce-scatter) where plain TP all-reduces.
+    A ring all-reduce is a reduce-scatter then an all-gather, so the bytes are the same."""
+
+    def __init__(self, group=None, sp=False):
         self.group = group if group is not None and group.size > 1 else None
         self.size = group.size if self.group else 1
         self.rank = group.rank if self.group else 0
+        self.sp = sp and self.group is not None
+        self.tokens = 0  # T of the forward pass under way (set by the decoder)
+
+    def rows(self, T):
+        """The row counts (P,) of T tokens' rows over the group under sp: contiguous, in rank order."""
+        return np.diff([T * r // self.size for r in range(self.size + 1)])
+
+    def begin(self, x):
+        """(rows here, D) -> (T, D) under sp; x unchanged otherwise."""
+        return self.group.all_gather_rows(x, self.rows(self.tokens)) if self.sp else x
+
+    def pick(self, x, indices):
+        """Rows at sorted indices among the T tokens, from the ranks that hold them under sp."""
+        if not self.sp:
+            return x[indices]
+        bounds = np.cumsum([0, *self.rows(self.tokens)])
+        held = [(indices >= a) & (indices < b) for a, b in zip(bounds[:-1], bounds[1:])]
+        return self.group.all_gather_rows(x[indices[held[self.rank]] - bounds[self.rank]], [h.sum() for h in held])
+
+    def finish(self, y):
+        """Complete a row-parallel product: the sum over the group, all T rows (all-reduce),
+        or under sp this rank's rows of it (reduce-scatter)."""
+        if self.sp:
+            return self.group.reduce_scatter(y, self.rows(len(y)))
+        return self.reduce(y)
 
     def part(self, n):
         """This rank's contiguous 1/P of range(n), as a slice."""
@@ -82,7 +113,7 @@ class Linear:
         if self.tp is None:
             y = self.be.linear(x, self.w, self.b)  # (T, sum of out)
             return np.split(y, self.splits, axis=-1) if len(self.splits) else y
-        y = self.tp.reduce(self.be.linear(x, self.w))  # (T, out): sum_r x_r W_r^T
+        y = self.tp.finish(self.be.linear(x, self.w))  # (T, out): sum_r x_r W_r^T (under sp: my rows of it)
         return y + self.b if self.b is not None else y
 
 
@@ -104,7 +135,7 @@ class Attention:
         p = f"model.layers.{layer}.self_attn"
         self.context = context.ulysses_attention if cp_method == "ulysses" else context.ring_attention
         D, Dh = cfg.hidden_size, cfg.head_dim
-        self.be, self.slot, self.window = be, slot, cfg.sliding_windows[layer]  # slot: the layer's place in the KV pool
+        self.be, self.tp, self.slot, self.window = be, tp, slot, cfg.sliding_windows[layer]  # slot: place in the KV pool
         self.heads, self.head_dim = cfg.num_heads // tp.size, Dh
         first_kv, self.kv_heads = kv_heads_of(cfg, tp)
         q_rows = tp.part(cfg.num_heads * Dh)
@@ -119,7 +150,8 @@ class Attention:
     def __call__(self, x, cos, sin, kv, batch):
         """x (T, D), the new tokens of batch's sequences concatenated; cos, sin (T, Dh/2);
         kv: the paged cache whose pools hold this layer's K/V (this rank's KV heads).
-        Returns (T, D), summed over the TP group."""
+        Returns (T, D), summed over the TP group (under sp: x and the result are my rows)."""
+        x = self.tp.begin(x)
         T = x.shape[0]
         q, k, v = self.qkv_proj(x)
         q = q.reshape(T, self.heads, self.head_dim)  # (T, H/P, Dh)
@@ -166,11 +198,11 @@ class MLP:
     def __init__(self, cfg, be, ckpt, layer, tp, prefix=None, reduce=True):
         p = prefix or f"model.layers.{layer}.mlp"
         D, I = cfg.hidden_size, cfg.intermediate_size
-        self.be = be
+        self.be, self.tp = be, tp if reduce else TP()
         part = tp.part(I)
         self.gate_up_proj = Linear(be, ckpt, [(f"{p}.gate_proj", I, part), (f"{p}.up_proj", I, part)], D, cfg.mlp_bias)
         self.down_proj = Linear(be, ckpt, [(f"{p}.down_proj", D, None)], I, cfg.mlp_bias, cols=part,
                                 tp=tp if reduce else TP())
 
     def __call__(self, x):
-        return self.down_proj(self.be.silu_mul(*self.gate_up_proj(x)))
+        return self.down_proj(self.be.silu_mul(*self.gate_up_proj(self.tp.begin(x))))

@@ -48,14 +48,15 @@ class Decoder:
     holds the embedding, the last the final norm and the LM head. Its KV cache pool holds
     those layers only.
 
-    ep: moe.EP, this rank's place for expert parallelism (default: none; every expert here,
+    sp: sequence parallelism in the TP group (layers.TP): between layers a rank holds 1/tp of
+    the tokens' rows; run_layers takes and returns those. ep: moe.EP, this rank's place for expert parallelism (default: none; every expert here,
     split over the TP group like the dense MLP). cp_method: "ring" or "ulysses", how a long
     prompt's prefill attention runs over the CP group of its KV pool (context.py)."""
 
-    def __init__(self, ckpt, be, tp_group=None, layers=None, ep=None, cp_method="ring"):
+    def __init__(self, ckpt, be, tp_group=None, layers=None, ep=None, cp_method="ring", sp=False):
         cfg = self.config = ckpt.config
         self.be = be
-        self.tp = tp = TP(tp_group)
+        self.tp = tp = TP(tp_group, sp)
         ep = ep or EP(slices=tp.size, slice=tp.rank)
         check_tp(cfg, tp.size)
         check_ep(cfg, ep.size, ep.slices)
@@ -97,10 +98,12 @@ class Decoder:
     def embed_tokens(self, ids):
         """(T,) token ids -> (T, D). Vocab-parallel lookup: rows of other ranks' ids are zero
         here, the all-reduce fills them."""
-        return self.tp.reduce(self.be.embedding(self.embed, np.asarray(ids, np.int64), self.vocab_offset))
+        self.tp.tokens = len(ids)
+        return self.tp.finish(self.be.embedding(self.embed, np.asarray(ids, np.int64), self.vocab_offset))
 
     def run_layers(self, x, batch):
         """This rank's layers on x (T, D); batch: kvcache.Batch, where K/V go and come from."""
+        self.tp.tokens = len(batch.positions)
         cos, sin = rope.cos_sin(self.inv_freq, batch.positions)
         for block in self.blocks:
             x = block(x, cos, sin, batch.pool, batch)
@@ -114,6 +117,11 @@ class Decoder:
         """(MoE layers of this rank, E) routed (token, expert) pairs so far, and their layer ids."""
         moe = self.moe_layers()
         return list(moe), np.array([m.load for m in moe.values()]).reshape(len(moe), -1)
+
+    def final_rows(self, x, batch, last_tokens):
+        """(R, D) final hidden states of the step's tokens at last_tokens, on every rank of
+        the TP group (under sp they are spread over it) and of the CP group."""
+        return self.tp.pick(x, last_tokens) if batch.shares is None else batch.last_rows(x, last_tokens)
 
     def logits(self, x):
         """(R, D) final hidden states -> (R, V/P) float32 logits of this rank's vocabulary rows."""

@@ -164,7 +164,9 @@ class MoE:
         return experts, weights
 
     def __call__(self, x):
-        """x (T, D), the same on every rank of the TP group -> (T, D), summed over the TP group."""
+        """x (T, D), the same on every rank of the TP group -> (T, D), summed over the TP group
+        (under sequence parallelism, x and the result are this rank's rows)."""
+        x = self.tp.begin(x)  # under sequence parallelism: all T rows
         T, D = x.shape
         E, A, across = len(self.router), self.top, self.ep.group is not None
         experts, weights = self.route(x)
@@ -196,7 +198,7 @@ class MoE:
         if self.shared is not None:  # the gate is the same on every rank: gate * sum = sum of gate * part
             gate = 1.0 / (1.0 + np.exp(-self.be.linear(x, self.shared_gate)))  # (T, 1)
             out += gate * self.shared(x)
-        return self.tp.reduce(out)  # one all-reduce per MoE layer
+        return self.tp.finish(out)  # one all-reduce per MoE layer (reduce-scatter under sp)
 
     def _capacity(self, counts, T):
         """(E,) pairs of each expert this rank keeps this step, or None without a capacity."""

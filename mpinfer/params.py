@@ -53,7 +53,7 @@ _RULES = {
     "stop_token_ids": (int, lambda v: v >= 0, "must be >= 0"),
     "logprobs": (int, lambda v: 0 <= v <= 20, "must be in [0, 20]"),
 }
-_KINDS = {int: "an integer", float: "a finite number", str: "a string"}
+_KINDS = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
 
 
 def checked(key, value, kind, ok, rule):

@@ -95,6 +95,7 @@ def test_cp_layouts_match_one_rank(tiny_model, reference, tmp_path, ranks, sets)
     (4, ["parallel.cp=4", "parallel.cp_method=ulysses"], "6 query heads over 2 KV heads do not split into cp = 4"),
     (4, ["parallel.cp=3"], "does not divide the world of 4 ranks"),
     (2, ["parallel.cp=2", "parallel.cp_method=zigzag"], "parallel.cp_method: must be one of ring, ulysses"),
+    (4, ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true"], "with parallel.sp = true: choose one of them"),
 ])
 def test_bad_cp_layouts_are_refused(tiny_model, tmp_path, ranks, sets, expected):
     job, out = write_job(tmp_path, tiny_model("llama"), prompt_lines(2))

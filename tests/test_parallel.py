@@ -3,15 +3,21 @@ parallel replicas beside it) gives the same tokens as one rank, log-probabilitie
 relative, and the traffic of the chapter's formulas (ring all-reduce, d*b per stage boundary)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
 import pytest
 from conftest import ARCHS
-from test_run import mpinfer, prompt_lines, write_job
+from test_run import BIN, mpinfer, prompt_lines, write_job
 
 from mpinfer.io.results import read_rows
 from mpinfer.mapping import stage_layers
+
+
+SP_SCRIPT = os.path.join(os.path.dirname(__file__), "mpi_sp_check.py")
 
 
 def run_rows(folder, model, ranks, *sets, env=None, n=12):
@@ -105,6 +111,27 @@ def test_expert_parallel_layouts_match_one_rank(tiny_model, reference, tmp_path,
         assert (load.sum(axis=1) == 2 * fed).all()  # every fed token routed to 2 experts in every MoE layer
         assert rank_load.shape[1] == ep and (rank_load.sum(axis=1) == 2 * fed).all()
         assert ("comm.ep.all_to_all.calls" in f.attrs) == (tp % ep != 0)  # tokens move only across replicas
+
+
+@pytest.mark.parametrize("arch, ranks, sets", [
+    ("llama", 2, ["parallel.tp=2"]),
+    ("llama_bias", 4, ["parallel.tp=2", "parallel.pp=2"]),  # row-parallel biases after the reduce-scatter
+    ("qwen2_moe", 4, ["parallel.tp=2", "parallel.ep=2"]),  # MoE and its shared expert
+    ("mixtral", 4, ["parallel.tp=2", "parallel.ep=4"]),  # EP across replicas
+])
+def test_sequence_parallel_layouts_match_one_rank(tiny_model, reference, tmp_path, arch, ranks, sets):
+    rows, out = run_rows(tmp_path, tiny_model(arch), ranks, *sets, "parallel.sp=true")
+    assert_same(rows, reference(arch))
+    with h5py.File(out, "r") as f:  # the all-reduces became reduce-scatters and all-gathers
+        assert "comm.tp.all_reduce.calls" not in f.attrs and f.attrs["comm.tp.reduce_scatter.calls"] > 0
+
+
+def test_sequence_parallel_same_bytes_less_work(tiny_model):
+    """tests/mpi_sp_check.py: one forward pass with and without sequence parallelism."""
+    done = subprocess.run([os.path.join(BIN, "mpiexec"), "-n", "2", sys.executable, SP_SCRIPT, tiny_model("llama")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    print(done.stdout)
 
 
 def test_traffic_per_token_on_one_replica(tiny_model, tmp_path):

@@ -49,7 +49,7 @@ class LocalPipe:
         ids = plan.ids if batch.take is None else plan.ids[batch.take]
         x = self.model.run_layers(self.model.embed_tokens(ids), batch)
         batch.commit()
-        self.result = _choose(self.model, lambda: batch.last_rows(x, plan.last_tokens), plan.wants())
+        self.result = _choose(self.model, lambda: self.model.final_rows(x, batch, plan.last_tokens), plan.wants())
 
     def land(self, k, plan):
         return self.result
@@ -114,13 +114,15 @@ def run_stage(model, pool, pp):
             if not last:
                 outbox.send(pp.rank + 1, HEADER, header)
             break
-        request, x = pp.recv((sum(header["q_lens"]), model.config.hidden_size), np.float32, pp.rank - 1, ACT)
+        T = sum(header["q_lens"])  # my rows of them under sequence parallelism
+        rows = model.tp.rows(T)[model.tp.rank] if model.tp.sp else T
+        request, x = pp.recv((rows, model.config.hidden_size), np.float32, pp.rank - 1, ACT)
         request.wait()
         t = time.perf_counter()
         x = model.run_layers(x, Batch(pool, header["q_lens"], header["kv_lens"], header["tables"]))
         if last:
             wants = [(SamplingParams.from_json(p), key, step) for p, key, step in header["wants"]]
-            chosen = _choose(model, lambda: x[header["last_tokens"]], wants)
+            chosen = _choose(model, lambda: model.tp.pick(x, np.array(header["last_tokens"], np.int64)), wants)
             chosen["busy"] = header["busy"] + [time.perf_counter() - t]
             outbox.send(0, RESULT, chosen)
         else:

@@ -83,7 +83,7 @@ def run_job(job_file, overrides, skip_invalid=False, overwrite=False, comm=MPI.C
         tokenizer = setup["tokenizer"] if comm.rank == 0 else load_tokenizer(job.model_path, ckpt)
         # each rank reads only its slices: its TP part of its pipeline stage's layers
         model = Decoder(ckpt, get_backend(eng.backend), topo.tp, m.layer_range(ckpt.config.num_layers),
-                        EP.of(topo, job.moe.capacity_factor), job.parallel.cp_method)
+                        EP.of(topo, job.moe.capacity_factor), job.parallel.cp_method, job.parallel.sp)
     except UserError as e:  # e.g. a weight file truncated after its header
         problem = str(e)
     if _any_problem(comm, problem):
@@ -193,6 +193,8 @@ def _prepare(job, topo, skip_invalid, overwrite):
 def _check_cp(p, cfg):
     if p.cp == 1:
         return
+    if p.sp:
+        raise UserError(f"parallel.cp = {p.cp} with parallel.sp = true: choose one of them in this version")
     if p.pp > 1 or p.ep > 1:
         raise UserError(f"parallel.cp = {p.cp} with pp = {p.pp}, ep = {p.ep}: context parallelism combines with "
                         "tp and dp only in this version")
