@@ -171,12 +171,28 @@ class Batch:
         for j, t in enumerate(last_tokens):
             owner = next(r for r, share in enumerate(self.shares) if t in share)
             if owner == self.pool.cp.rank:
-                rows[j] = x[np.searchsorted(self.take, t)]
+                rows[j] = x[np.searchsorted(self.shares[owner], t)]
             self.pool.cp.bcast(rows[j : j + 1], root=owner)
         return rows
 
     def geometry(self):
-        return {"q_lens": self.q_lens.tolist(), "kv_lens": self.kv_lens.tolist(), "tables": self.tables.tolist()}
+        """JSON-able, for the later stages of a pipeline (of_geometry)."""
+        out = {"q_lens": self.q_lens.tolist(), "kv_lens": self.kv_lens.tolist(), "tables": self.tables.tolist()}
+        if self.shares is not None or any(k is not None for k in self.key_pos):  # sharded over a CP group
+            out |= {"positions": self.positions.tolist(), "slots": self.slots.tolist(),
+                    "key_pos": [None if k is None else k.tolist() for k in self.key_pos],
+                    "shares": None if self.shares is None else [s.tolist() for s in self.shares]}
+        return out
+
+    @classmethod
+    def of_geometry(cls, pool, g):
+        """The batch of a later pipeline stage from the first stage's geometry()."""
+        batch = cls(pool, g["q_lens"], g["kv_lens"], g["tables"])
+        if "key_pos" in g:
+            batch.positions, batch.slots = np.array(g["positions"], np.int64), np.array(g["slots"], np.int64)
+            batch.key_pos = [None if k is None else np.array(k, np.int64) for k in g["key_pos"]]
+            batch.shares = None if g["shares"] is None else [np.array(s, np.int64) for s in g["shares"]]
+        return batch
 
     def commit(self):
         """The forward pass stored every layer's K/V: the new tokens are now cached."""

@@ -72,6 +72,8 @@ def reference(tiny_model, tmp_path_factory):
     (4, ["parallel.cp=2", "parallel.tp=2"]),
     (4, ["parallel.cp=2", "parallel.tp=2", "parallel.cp_method=ulysses"]),
     (4, ["parallel.cp=2", "parallel.cp_method=ulysses"]),  # 2 replicas of cp 2
+    (4, ["parallel.cp=2", "parallel.pp=2"]),  # each stage's CP group attends its layers
+    (8, ["parallel.cp=2", "parallel.pp=2", "parallel.tp=2", "parallel.cp_method=ulysses"]),
 ])
 def test_cp_layouts_match_one_rank(tiny_model, reference, tmp_path, ranks, sets):
     rows, out = run_rows(tmp_path, tiny_model("qwen3_long"), ranks, *sets)
@@ -79,8 +81,8 @@ def test_cp_layouts_match_one_rank(tiny_model, reference, tmp_path, ranks, sets)
     with h5py.File(out, "r") as f:
         layout, cfg = json.loads(f.attrs["layout"]), json.loads(f.attrs["model"])
         cp = layout["cp"]
-        assert cp == int(sets[0].split("=")[1]) and layout["dp"] * layout["tp"] * cp == ranks
-        if "ulysses" not in " ".join(sets) and layout["dp"] == 1:
+        assert cp == int(sets[0].split("=")[1]) and layout["dp"] * layout["tp"] * layout["pp"] * cp == ranks
+        if "ulysses" not in " ".join(sets) and layout["dp"] == layout["pp"] == 1:
             # the ring: rank 0 passes on every share but the one it would get back, per layer and
             # long prompt: its own first, then its left neighbours' (hops of O(S/C * d) bytes)
             kv_bytes = 2 * cfg["num_kv_heads"] // layout["tp"] * cfg["head_dim"] * 4 * cfg["num_layers"]
@@ -91,7 +93,7 @@ def test_cp_layouts_match_one_rank(tiny_model, reference, tmp_path, ranks, sets)
 
 
 @pytest.mark.parametrize("ranks, sets, expected", [
-    (4, ["parallel.cp=2", "parallel.pp=2"], "context parallelism combines with tp and dp only"),
+    (4, ["parallel.cp=2", "parallel.ep=2"], "context parallelism combines with tp, pp and dp, not yet with ep"),
     (4, ["parallel.cp=4", "parallel.cp_method=ulysses"], "6 query heads over 2 KV heads do not split into cp = 4"),
     (4, ["parallel.cp=3"], "does not divide the world of 4 ranks"),
     (2, ["parallel.cp=2", "parallel.cp_method=zigzag"], "parallel.cp_method: must be one of ring, ulysses"),

@@ -45,9 +45,8 @@ class LocalPipe:
         self.model, self.result = model, None
 
     def launch(self, k, plan):
-        batch = plan.batch  # under CP: this rank's tokens of the step (take)
-        ids = plan.ids if batch.take is None else plan.ids[batch.take]
-        x = self.model.run_layers(self.model.embed_tokens(ids), batch)
+        batch = plan.batch
+        x = self.model.run_layers(self.model.embed_tokens(plan.local_ids()), batch)
         batch.commit()
         self.result = _choose(self.model, lambda: self.model.final_rows(x, batch, plan.last_tokens), plan.wants())
 
@@ -85,7 +84,7 @@ class Pipe:
 
     def launch(self, k, plan):
         t = time.perf_counter()
-        x = self.model.run_layers(self.model.embed_tokens(plan.ids), plan.batch)  # (T, D)
+        x = self.model.run_layers(self.model.embed_tokens(plan.local_ids()), plan.batch)  # (T, D)
         plan.batch.commit()
         header = {"mb": k, **plan.batch.geometry(), "last_tokens": plan.last_tokens.tolist(),
                   "wants": [[dataclasses.asdict(p), key, step] for p, key, step in plan.wants()],
@@ -119,10 +118,11 @@ def run_stage(model, pool, pp):
         request, x = pp.recv((rows, model.config.hidden_size), np.float32, pp.rank - 1, ACT)
         request.wait()
         t = time.perf_counter()
-        x = model.run_layers(x, Batch(pool, header["q_lens"], header["kv_lens"], header["tables"]))
+        batch = Batch.of_geometry(pool, header)
+        x = model.run_layers(x, batch)
         if last:
             wants = [(SamplingParams.from_json(p), key, step) for p, key, step in header["wants"]]
-            chosen = _choose(model, lambda: model.tp.pick(x, np.array(header["last_tokens"], np.int64)), wants)
+            chosen = _choose(model, lambda: model.final_rows(x, batch, np.array(header["last_tokens"], np.int64)), wants)
             chosen["busy"] = header["busy"] + [time.perf_counter() - t]
             outbox.send(0, RESULT, chosen)
         else:

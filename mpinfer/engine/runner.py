@@ -166,8 +166,8 @@ def _prepare(job, topo, skip_invalid, overwrite):
     m = topo.mapping
     try:
         check_tp(cfg, job.parallel.tp)
-        check_ep(cfg, m.ep, m.moe_tp)
         _check_cp(job.parallel, cfg)
+        check_ep(cfg, m.ep, m.moe_tp)
     except UserError as e:
         raise UserError(f"{job.path}: {e}") from None
     experts.check(job, cfg)
@@ -195,9 +195,9 @@ def _check_cp(p, cfg):
         return
     if p.sp:
         raise UserError(f"parallel.cp = {p.cp} with parallel.sp = true: choose one of them in this version")
-    if p.pp > 1 or p.ep > 1:
-        raise UserError(f"parallel.cp = {p.cp} with pp = {p.pp}, ep = {p.ep}: context parallelism combines with "
-                        "tp and dp only in this version")
+    if p.ep > 1:
+        raise UserError(f"parallel.cp = {p.cp} with parallel.ep = {p.ep}: context parallelism combines with "
+                        "tp, pp and dp, not yet with ep")
     heads = cfg.num_heads // p.tp
     why = context.check_ulysses(heads, kv_heads_per_rank(cfg, p.tp), p.cp) if p.cp_method == "ulysses" else None
     if why:

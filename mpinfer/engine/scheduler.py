@@ -52,6 +52,11 @@ class Plan:
         self.done = [scheduled[i][0] for i in rows]
         self.last_tokens = (np.cumsum(batch.counts) - 1)[rows]  # their last new token in the step
 
+    def local_ids(self):
+        """The step's token ids this rank computes: all of them, or its share of a long
+        prompt under context parallelism."""
+        return self.ids if self.batch.take is None else self.ids[self.batch.take]
+
     def wants(self):
         """(params, request key, step) of each done sequence, for logits.choose()."""
         return [(seq.params, seq.key, len(seq.output)) for seq in self.done]
