@@ -9,7 +9,7 @@ pipeline stage (the slowest stage sets the pace):
 - memory: its stage's weights, non-expert ones / tp, experts / max(tp, ep) (ep ranks share
   the experts, each split tp/ep ways when ep divides tp); the KV cache of b sequences of
   S + G tokens (KV heads / tp, at least one; sequence / cp); activations of one prefill chunk.
-  A replica keeps in flight its share of the workload's batch, as many as fit.
+  A layout fits when all of it fits in USABLE_MEMORY of the GPU.
 - compute: 2 x active parameters x tokens + attention (4 x keys x heads*head_dim per token
   and layer), over peak x COMPUTE_EFFICIENCY; memory traffic: weights (the experts a step
   touches) + the KV cache read by decode, over bandwidth x MEMORY_EFFICIENCY. A step takes
@@ -234,10 +234,9 @@ def _step(cfg, work, cluster, layout, stage, s, tokens, seqs, keys, prefill, spa
     touched = 1 - (1 - cfg.experts_per_token / cfg.num_experts) ** routed if cfg.num_experts else 0.0
     kv = _kv_bytes(cfg, work, layout) * n * (mine if prefill else seqs * seen)  # write mine, or read all
     traffic = shard + experts * touched + kv
-    gpu = max(flops / (g.flops * COMPUTE_EFFICIENCY), traffic / (g.bandwidth * MEMORY_EFFICIENCY))
-    bound = "compute" if flops / (g.flops * COMPUTE_EFFICIENCY) >= traffic / (g.bandwidth * MEMORY_EFFICIENCY) else "memory"
+    arithmetic, streaming = flops / (g.flops * COMPUTE_EFFICIENCY), traffic / (g.bandwidth * MEMORY_EFFICIENCY)
     out = dict(compute=0.0, memory=0.0, tp=0.0, pp=0.0, ep=0.0, cp=0.0)
-    out[bound] = gpu
+    out["compute" if arithmetic >= streaming else "memory"] = max(arithmetic, streaming)  # roofline
     calls = 2 * n + first
     out["tp"] = all_reduce_time(cluster, calls * mine * d * B, tp, spans["tp"], calls)
     if across and moe:
