@@ -1,6 +1,7 @@
 """The job file: defaults, --set overrides, relative paths, one-line errors, the TOML round trip."""
 
 import os
+import tomllib
 
 import pytest
 
@@ -100,7 +101,7 @@ def test_unknown_section_and_key(job_dir):
     path = write(job_dir, BASE + "[paralel]\ntp = 2\n")
     assert error(path) == f"{path}: unknown section [paralel] (known: model, input, output, sampling, parallel, engine, moe)"
     path = write(job_dir, BASE + "[parallel]\ntq = 2\n")
-    assert error(path) == f"{path}: parallel.tq: unknown key (known: tp, pp, ep, cp, micro_batches)"
+    assert error(path) == f"{path}: parallel.tq: unknown key (known: tp, pp, ep, cp, micro_batches, cp_method, cp_threshold, sp)"
     path = write(job_dir, BASE + "[sampling]\ntemp = 2\n")
     assert error(path).startswith(f"{path}: sampling.temp: unknown key (known: max_new_tokens, temperature,")
 
@@ -145,7 +146,20 @@ def test_set_errors(job_dir):
     path = write(job_dir, BASE)
     assert error(path, "parallel.tp") == "--set parallel.tp: expected section.key=value (e.g. --set parallel.tp=2)"
     assert error(path, "tp=2").startswith("--set tp: expected section.key=value")
-    assert error(path, "parallel.tq=2") == "--set parallel.tq: unknown key (known: tp, pp, ep, cp, micro_batches)"
+    assert error(path, "parallel.tq=2") == "--set parallel.tq: unknown key (known: tp, pp, ep, cp, micro_batches, cp_method, cp_threshold, sp)"
     assert error(path, "paralel.tp=2").startswith("--set paralel.tp: unknown section 'paralel' (known: model,")
     assert error(path, "parallel.tp=two") == '--set parallel.tp: expected an integer, got "two"'
     assert error(path, "model.path=nope") == f"--set model.path: {os.getcwd()}/nope does not exist"
+
+
+def test_booleans_and_moe_paths(job_dir):
+    """parallel.sp takes true/false (not 1), and the effective TOML writes it back as TOML;
+    moe.load_from is a path relative to the job file's folder that must exist."""
+    path = write(job_dir, BASE + "[parallel]\nsp = true\n")
+    job = load_job(path)
+    assert job.parallel.sp is True and "sp = true" in job.toml()
+    assert tomllib.loads(job.toml())["parallel"]["sp"] is True
+    assert error(path, "parallel.sp=1") == "--set parallel.sp: expected true or false, got 1"
+    (job_dir / "earlier.h5").write_bytes(b"")
+    assert load_job(write(job_dir, BASE + '[moe]\nload_from = "earlier.h5"\n')).moe.load_from == str(job_dir / "earlier.h5")
+    assert "moe.load_from: " in error(write(job_dir, BASE + '[moe]\nload_from = "none.h5"\n'))
