@@ -5,10 +5,12 @@ What is measured, each over message sizes from 8 bytes up, with MPI through comm
 calls the engine makes) and, where CuPy's NCCL and a GPU are there, with NCCL:
 - point to point: ping-pong between ranks 0 and 1 (inside node 0) and between rank 0 and the
   first rank of node 1 (across nodes); one message takes half a round trip (OSU osu_latency);
-- all-reduce: over the ranks of node 0, and over the first rank of every node; back-to-back
-  calls after a barrier, the slowest rank's time per call (OSU osu_allreduce).
-Nodes are the topology's (MPINFER_RANKS_PER_NODE pretends). Each size is the median of TRIALS
-trials. Every series is fitted by t = latency + bytes / bandwidth, least squares on relative
+- all-reduce: over the ranks of node 0, and over the first rank of every node; the slowest
+  rank's time per call (OSU osu_allreduce).
+Nodes are the topology's (MPINFER_RANKS_PER_NODE pretends). Unlike OSU's back-to-back loops,
+each op runs alone after a barrier and after each rank overwrote its share of the caches
+(evict_bytes), as in a run, where a message follows compute; each size is the median of
+TRIALS trials of REPS ops. Every series is fitted by t = latency + bytes / bandwidth, least squares on relative
 error (weights 1/t), so the small sizes set the latency and the large ones the bandwidth.
 
 For the planner an all-reduce fit over T ranks is a ring's 2(T-1) steps: step latency =
@@ -17,6 +19,7 @@ gives the intra-node steps, the ring of one rank per node the network's.
 """
 
 import datetime
+import glob
 import json
 import statistics
 import time
@@ -27,8 +30,7 @@ from .errors import UserError, one_line
 from .presets import Link
 
 SIZES = [8 * 4**k for k in range(12)]  # 8 B .. 32 MiB
-TRIAL_S = 0.02  # aim of one trial's length
-TRIALS = 5
+TRIALS, REPS = 5, 20  # trials per size, ops per trial
 VERSION = 1
 
 
@@ -49,18 +51,20 @@ def calibrate(world, max_bytes=SIZES[-1]):
     groups = {"intra": ([0, 1], list(range(per_node))) if per_node > 1 else None,
               "inter": ([0, per_node], list(range(0, world.size, per_node))) if nodes > 1 else None}
     backends = ["mpi"] + ["nccl"] * _nccl_usable(world, MPI)
-    links = {}
-    for kind, members in groups.items():
-        if members is None:
-            continue
-        pair, ring = members
-        links[kind] = {b: {"p2p": _series(world, pair, sizes, b, "p2p", MPI),
-                           "all_reduce": {"ranks": len(ring), **_series(world, ring, sizes, b, "all_reduce", MPI)}}
-                       for b in backends}
+    evict = evict_bytes(per_node)
+    points = {(kind, b, op): _series(world, members[op == "all_reduce"], sizes, b, op, evict, MPI)
+              for kind, members in groups.items() if members for b in backends for op in ("p2p", "all_reduce")}
     if world.rank:
         return None
+    links = {}  # fitted on rank 0 alone, once no other rank waits for it
+    for (kind, b, op), series in points.items():
+        latency, bandwidth, worst = fit(series)
+        links.setdefault(kind, {}).setdefault(b, {})[op] = {
+            **({"ranks": len(groups[kind][1])} if op == "all_reduce" else {}),
+            "latency_s": latency, "bandwidth_Bps": bandwidth, "fit_max_rel_err": worst, "points": series}
     return {"mpinfer_profile": VERSION, "date": datetime.date.today().isoformat(), "world": world.size,
-            "ranks_per_node": per_node, "mpi": MPI.Get_library_version().splitlines()[0].strip(), "links": links}
+            "ranks_per_node": per_node, "evict_bytes": evict, "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+            "links": links}
 
 
 def save(profile, path):
@@ -102,14 +106,16 @@ def fit(points):
     x, t = np.array(points, np.float64).T
     slope, intercept = np.polyfit(x, t, 1, w=1 / t)
     if slope <= 0:
-        raise UserError(f"the measured times do not grow with the message size ({points}); measure larger sizes")
+        raise UserError(f"the measured times do not grow with the message size ({points}): other work on the "
+                        "machine, or too small a range (raise --max-bytes)")
     latency = max(float(intercept), 0.0)
     worst = float(np.max(np.abs(latency + x * slope - t) / t))
     return latency, float(1 / slope), worst
 
 
-def _series(world, members, sizes, backend, op, MPI):
-    """Collective over world: time op between `members` for every size; the fit and points."""
+def _series(world, members, sizes, backend, op, evict, MPI):
+    """Collective over world: time op between `members` for every size; [[bytes, seconds]] on
+    the members (rank 0 among them)."""
     comm = world.Split(0 if world.rank in members else MPI.UNDEFINED, members.index(world.rank)
                        if world.rank in members else 0)
     ops = None if comm == MPI.COMM_NULL else (_nccl_ops if backend == "nccl" else _mpi_ops)(comm, op, MPI)
@@ -117,51 +123,63 @@ def _series(world, members, sizes, backend, op, MPI):
     for size in sizes:
         world.Barrier()  # one measurement at a time, the other ranks quiet
         if ops is not None:
-            points.append([size, _median_time(comm, *ops, size, MPI)])
+            points.append([size, _median_time(comm, *ops, size, evict, MPI)])
     world.Barrier()
     if ops is not None:
         comm.Free()
-    latency, bandwidth, worst = fit(points) if world.rank == 0 else (0.0, 0.0, 0.0)
-    return {"latency_s": latency, "bandwidth_Bps": bandwidth, "fit_max_rel_err": worst, "points": points}
+    return points
 
 
-def _median_time(comm, run, per_rep, size, MPI):
-    """Seconds of one op of this size: the median over TRIALS of loop time / (reps x per_rep),
-    each the slowest rank's; reps chosen so a trial lasts about TRIAL_S."""
-    run(size, 1)  # warm up: connections, buffers
-    start = time.perf_counter()
-    run(size, 1)
-    reps = comm.bcast(int(min(1000, max(3, TRIAL_S / max(time.perf_counter() - start, 1e-7)))))
+def evict_bytes(ranks_on_node):
+    """What each rank writes before each op: its share of the CPU's last-level cache (sysfs;
+    32 MiB when unknown). The engine sends what it has just computed, with the caches full of
+    the layer's weights, not MPI's buffers: on the 2-core VM of the benchmarks a 4 KiB
+    all-reduce takes 10 us back to back, 42 us after the ranks wrote 16 MiB each (its 32 MiB
+    L3), and 30 us in a tp 2 run (1024-wide llama)."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        with open(path) as f:
+            text = f.read().strip()  # "32768K"
+        sizes.append(int(text.rstrip("KM")) * {"K": 2**10, "M": 2**20}.get(text[-1], 1))
+    return (max(sizes) if sizes else 2**25) // ranks_on_node
+
+
+def _median_time(comm, run, per_op, size, evict, MPI):
+    """Seconds of one message (one all-reduce) of this size: each op timed alone, after every
+    rank wrote `evict` bytes and a barrier; a trial's mean over REPS ops (per_op messages
+    each), the slowest rank's; the median of TRIALS trials."""
+    junk = np.zeros(evict // 8)
+    run(size)  # warm up: connections, buffers
     trials = []
     for _ in range(TRIALS):
-        comm.Barrier()
-        start = time.perf_counter()
-        run(size, reps)
-        trials.append(comm.allreduce((time.perf_counter() - start) / (reps * per_rep), op=MPI.MAX))
+        spent = 0.0
+        for _ in range(REPS):
+            junk += 1.0
+            comm.Barrier()
+            start = time.perf_counter()
+            run(size)
+            spent += time.perf_counter() - start
+        trials.append(comm.allreduce(spent / (REPS * per_op), op=MPI.MAX))
     return statistics.median(trials)
 
 
 def _mpi_ops(comm, op, MPI):
-    """(run(size, reps), messages per rep) doing reps ops of `size` bytes through a comm.Group,
-    as the engine does; a ping-pong rep is two messages."""
+    """(run(size), messages per op): one op of `size` bytes through a comm.Group, as the
+    engine does; a ping-pong is two messages."""
     from .comm import Group
 
-    group = Group(comm, "calibrate")
+    group, peer = Group(comm, "calibrate"), 1 - comm.rank
 
-    def all_reduce(size, reps):
-        x = np.ones(max(1, size // 4), np.float32)
-        for _ in range(reps):
-            group.all_reduce(x)
+    def all_reduce(size):
+        group.all_reduce(np.ones(max(1, size // 4), np.float32))
 
-    def ping_pong(size, reps):
-        x, peer = np.ones(size, np.uint8), 1 - group.rank
-        for _ in range(reps):
-            if group.rank == 0:
-                group.send(x, peer).wait()
-            request, x = group.recv(x.shape, x.dtype, peer)
-            request.wait()
-            if group.rank == 1:
-                group.send(x, peer).wait()
+    def ping_pong(size):
+        if group.rank == 0:
+            group.send(np.ones(size, np.uint8), peer).wait()
+        request, x = group.recv((size,), np.uint8, peer)
+        request.wait()
+        if group.rank == 1:
+            group.send(x, peer).wait()
 
     return (all_reduce, 1) if op == "all_reduce" else (ping_pong, 2)
 
@@ -179,8 +197,8 @@ def _nccl_usable(world, MPI):
 
 
 def _nccl_ops(comm, op, MPI):
-    """(run(size, reps), messages per rep) over an NCCL communicator of comm's ranks, each rank
-    on its own GPU of its node."""
+    """(run(size), messages per op) over an NCCL communicator of comm's ranks, each rank on its
+    own GPU of its node."""
     import cupy
     from cupy.cuda import nccl
 
@@ -191,12 +209,11 @@ def _nccl_ops(comm, op, MPI):
     stream = cupy.cuda.Stream(non_blocking=True)
     peer = 1 - comm.rank
 
-    def run(size, reps):
+    def run(size):
         x = cupy.ones(max(1, size // 4), cupy.float32)
-        for _ in range(reps):
-            if op == "all_reduce":
-                nc.allReduce(x.data.ptr, x.data.ptr, x.size, nccl.NCCL_FLOAT32, nccl.NCCL_SUM, stream.ptr)
-                continue
+        if op == "all_reduce":
+            nc.allReduce(x.data.ptr, x.data.ptr, x.size, nccl.NCCL_FLOAT32, nccl.NCCL_SUM, stream.ptr)
+        else:
             if comm.rank == 0:
                 nc.send(x.data.ptr, x.size, nccl.NCCL_FLOAT32, peer, stream.ptr)
             nc.recv(x.data.ptr, x.size, nccl.NCCL_FLOAT32, peer, stream.ptr)
