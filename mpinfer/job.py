@@ -29,6 +29,7 @@ class Parallel:
     cp_method: str = "ring"  # how a long prompt's attention runs over the CP group: ring | ulysses
     cp_threshold: int = 1024  # prompts of at least this many tokens go through the CP group
     sp: bool = False  # sequence parallelism inside the TP group: norms and residuals on 1/tp of the tokens
+    auto: bool = False  # the planner (planner.py) chooses tp, pp, ep and cp for the world the job runs on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,8 @@ _PARALLEL_RULES = {"tp": _AT_LEAST_1, "pp": _AT_LEAST_1, "ep": _AT_LEAST_1, "cp"
                    "micro_batches": (int, lambda v: v >= 0, "must be >= 0 (0: as many as pipeline stages)"),
                    "cp_method": (str, lambda v: v in CP_METHODS, f"must be one of {', '.join(CP_METHODS)}"),
                    "cp_threshold": _AT_LEAST_1,
-                   "sp": (bool, lambda v: True, "")}
+                   "sp": (bool, lambda v: True, ""),
+                   "auto": (bool, lambda v: True, "")}
 _ENGINE_RULES = {
     "backend": (str, lambda v: v in BACKENDS, f"must be one of {', '.join(BACKENDS)}"),
     "max_batch_tokens": (int, lambda v: v >= 16, "must be >= 16"),

@@ -101,7 +101,7 @@ def test_unknown_section_and_key(job_dir):
     path = write(job_dir, BASE + "[paralel]\ntp = 2\n")
     assert error(path) == f"{path}: unknown section [paralel] (known: model, input, output, sampling, parallel, engine, moe)"
     path = write(job_dir, BASE + "[parallel]\ntq = 2\n")
-    assert error(path) == f"{path}: parallel.tq: unknown key (known: tp, pp, ep, cp, micro_batches, cp_method, cp_threshold, sp)"
+    assert error(path) == f"{path}: parallel.tq: unknown key (known: tp, pp, ep, cp, micro_batches, cp_method, cp_threshold, sp, auto)"
     path = write(job_dir, BASE + "[sampling]\ntemp = 2\n")
     assert error(path).startswith(f"{path}: sampling.temp: unknown key (known: max_new_tokens, temperature,")
 
@@ -146,7 +146,7 @@ def test_set_errors(job_dir):
     path = write(job_dir, BASE)
     assert error(path, "parallel.tp") == "--set parallel.tp: expected section.key=value (e.g. --set parallel.tp=2)"
     assert error(path, "tp=2").startswith("--set tp: expected section.key=value")
-    assert error(path, "parallel.tq=2") == "--set parallel.tq: unknown key (known: tp, pp, ep, cp, micro_batches, cp_method, cp_threshold, sp)"
+    assert error(path, "parallel.tq=2") == "--set parallel.tq: unknown key (known: tp, pp, ep, cp, micro_batches, cp_method, cp_threshold, sp, auto)"
     assert error(path, "paralel.tp=2").startswith("--set paralel.tp: unknown section 'paralel' (known: model,")
     assert error(path, "parallel.tp=two") == '--set parallel.tp: expected an integer, got "two"'
     assert error(path, "model.path=nope") == f"--set model.path: {os.getcwd()}/nope does not exist"

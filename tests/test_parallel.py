@@ -134,6 +134,20 @@ def test_sequence_parallel_same_bytes_less_work(tiny_model):
     print(done.stdout)
 
 
+def test_auto_layout_is_chosen_explained_and_run(tiny_model, reference, tmp_path):
+    """parallel.auto = true: the planner picks the layout of the 2 ranks (a tiny model fits
+    anywhere, so data parallel replicas for throughput), says why, and the job runs it."""
+    job, out = write_job(tmp_path, tiny_model("llama"), prompt_lines(12, seed=3),
+                         sampling={"max_new_tokens": 6, "logprobs": 2}, parallel={"auto": True, "tp": 2})
+    done = mpinfer(2, "run", job)
+    assert done.returncode == 0, done.stderr
+    assert "mpinfer: parallel.auto: tp 1, pp 1, ep 1, cp 1" in done.stdout
+    assert "Best for throughput: dp 2 x tp 1" in done.stdout
+    assert_same(read_rows(out), reference("llama"))
+    with h5py.File(out, "r") as f:
+        assert json.loads(f.attrs["layout"])["dp"] == 2  # the planner's tp 1 replaced the file's tp 2
+
+
 def test_traffic_per_token_on_one_replica(tiny_model, tmp_path):
     """With one replica every fed token passes every all-reduce once and crosses the stage
     boundary once: 2 all-reduces per layer (+1 for the embedding) of d * 4 bytes each, ring

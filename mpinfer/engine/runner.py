@@ -33,7 +33,9 @@ from ..mapping import stage_layers
 from ..model import Decoder
 from ..moe import EP, check_ep
 from ..tokenizer import load_tokenizer
-from ..topology import Topology
+from ..costmodel import Workload
+from ..planner import choose_layout
+from ..topology import Topology, ranks_per_node
 from ..weights import open_checkpoint
 from . import dispatch, experts
 from .lead import lead
@@ -54,6 +56,13 @@ def run_job(job_file, overrides, skip_invalid=False, overwrite=False, comm=MPI.C
         job = load_job(job_file, overrides)  # on every rank: a path may exist on one node only
     except UserError as e:
         problem = str(e)
+    if _any_problem(comm, problem):
+        return EXIT_BAD_INPUT
+    try:
+        if job.parallel.auto:
+            job, problem = _auto_layout(job, comm)
+    except ValueError as e:  # ranks per node that do not fit
+        problem = f"{job.path}: [parallel]: {e}"
     if _any_problem(comm, problem):
         return EXIT_BAD_INPUT
     try:
@@ -111,6 +120,36 @@ def run_job(job_file, overrides, skip_invalid=False, overwrite=False, comm=MPI.C
         return dispatch.poll(comm, 0, dispatch.FINAL, block=True)[2]["code"]
     except UserError as e:  # after the start every failure ends the whole job (the CLI aborts)
         raise RuntimeError(str(e)) from None
+
+
+def _auto_layout(job, comm):
+    """parallel.auto: rank 0 asks the planner for the world's layout (ranks per node from MPI,
+    memory per rank from the machine: a GPU's, or the node's memory shared by its ranks) and
+    tells every rank; (job with that layout, problem or None)."""
+    per_node = ranks_per_node(comm)  # collective
+    choice = None
+    if comm.rank == 0:
+        try:
+            cfg = open_checkpoint(job.model_path).config
+            memory = _memory_per_rank(per_node)
+            work = Workload(batch=job.engine.max_seqs, param_bytes=4, act_bytes=4)  # the NumPy backend's float32
+            tp, pp, ep, cp, why = choose_layout(cfg, comm.size, per_node, memory, work)
+            choice = {"tp": tp, "pp": pp, "ep": ep, "cp": cp}
+            print(f"mpinfer: parallel.auto: tp {tp}, pp {pp}, ep {ep}, cp {cp} (the planner's h100 / NVLink / NDR "
+                  f"presets, {memory / 2**30:.1f} GiB per rank)\n{why}", flush=True)
+        except UserError as e:
+            choice = {"problem": f"{job.path}: parallel.auto: {e}"}
+    choice = dispatch.bcast(comm, choice)
+    if "problem" in choice:
+        return job, choice["problem"]
+    return dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, **choice)), None
+
+
+def _memory_per_rank(per_node):
+    """Bytes a rank may hold: host memory shared by the node's ranks (NumPy backend)."""
+    with open("/proc/meminfo") as f:
+        total_kb = int(next(line for line in f if line.startswith("MemTotal:")).split()[1])
+    return total_kb * 1024 // per_node
 
 
 def _run(job, model, tokenizer, pool, topo, stop, queue):
