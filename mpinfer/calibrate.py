@@ -8,9 +8,10 @@ calls the engine makes) and, where CuPy's NCCL and a GPU are there, with NCCL:
 - all-reduce: over the ranks of node 0, and over the first rank of every node; the slowest
   rank's time per call (OSU osu_allreduce).
 Nodes are the topology's (MPINFER_RANKS_PER_NODE pretends). Unlike OSU's back-to-back loops,
-each op runs alone after a barrier and after each rank overwrote its share of the caches
-(evict_bytes), as in a run, where a message follows compute; each size is the median of
-TRIALS trials of REPS ops. Every series is fitted by t = latency + bytes / bandwidth, least squares on relative
+each op runs alone after a barrier, on data just written, after each rank overwrote its share
+of the caches (evict_bytes): as in a run, where a message carries what was just computed, the
+weights that computed it having gone through the caches. Each size is the median of TRIALS
+trials of REPS ops. Every series is fitted by t = latency + bytes / bandwidth, least squares on relative
 error (weights 1/t), so the small sizes set the latency and the large ones the bandwidth.
 
 For the planner an all-reduce fit over T ranks is a ring's 2(T-1) steps: step latency =
@@ -133,9 +134,9 @@ def _series(world, members, sizes, backend, op, evict, MPI):
 def evict_bytes(ranks_on_node):
     """What each rank writes before each op: its share of the CPU's last-level cache (sysfs;
     32 MiB when unknown). The engine sends what it has just computed, with the caches full of
-    the layer's weights, not MPI's buffers: on the 2-core VM of the benchmarks a 4 KiB
-    all-reduce takes 10 us back to back, 42 us after the ranks wrote 16 MiB each (its 32 MiB
-    L3), and 30 us in a tp 2 run (1024-wide llama)."""
+    the layer's weights, not MPI's buffers: on the 2-core VM of tests/bench/bench_planner.py,
+    calibrated with back-to-back loops the cost model put a tp 2 run's all-reduce time at 0.6
+    of what the run measured, calibrated this way at 0.8."""
     sizes = []
     for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
         with open(path) as f:
@@ -145,9 +146,9 @@ def evict_bytes(ranks_on_node):
 
 
 def _median_time(comm, run, per_op, size, evict, MPI):
-    """Seconds of one message (one all-reduce) of this size: each op timed alone, after every
-    rank wrote `evict` bytes and a barrier; a trial's mean over REPS ops (per_op messages
-    each), the slowest rank's; the median of TRIALS trials."""
+    """Seconds of one message (one all-reduce) of this size: each op alone (run times it, after
+    a barrier), after every rank wrote `evict` bytes; a trial's mean over REPS ops (per_op
+    messages each), the slowest rank's; the median of TRIALS trials."""
     junk = np.zeros(evict // 8)
     run(size)  # warm up: connections, buffers
     trials = []
@@ -155,31 +156,42 @@ def _median_time(comm, run, per_op, size, evict, MPI):
         spent = 0.0
         for _ in range(REPS):
             junk += 1.0
-            comm.Barrier()
-            start = time.perf_counter()
-            run(size)
-            spent += time.perf_counter() - start
+            spent += run(size)
         trials.append(comm.allreduce(spent / (REPS * per_op), op=MPI.MAX))
     return statistics.median(trials)
 
 
+def _timed(comm, op):
+    """Seconds op() takes, begun together on every rank of comm."""
+    comm.Barrier()
+    start = time.perf_counter()
+    op()
+    return time.perf_counter() - start
+
+
 def _mpi_ops(comm, op, MPI):
-    """(run(size), messages per op): one op of `size` bytes through a comm.Group, as the
-    engine does; a ping-pong is two messages."""
+    """(run(size) -> seconds, messages per op): one op of `size` bytes through a comm.Group on
+    data just written (as a run's, just computed), as the engine does; a ping-pong is two
+    messages."""
     from .comm import Group
 
     group, peer = Group(comm, "calibrate"), 1 - comm.rank
 
     def all_reduce(size):
-        group.all_reduce(np.ones(max(1, size // 4), np.float32))
+        x = np.ones(max(1, size // 4), np.float32)
+        return _timed(comm, lambda: group.all_reduce(x))
 
     def ping_pong(size):
-        if group.rank == 0:
-            group.send(np.ones(size, np.uint8), peer).wait()
-        request, x = group.recv((size,), np.uint8, peer)
-        request.wait()
-        if group.rank == 1:
-            group.send(x, peer).wait()
+        x = np.ones(size, np.uint8)
+
+        def there_and_back():
+            if group.rank == 0:
+                group.send(x, peer).wait()
+            request, y = group.recv((size,), np.uint8, peer)
+            request.wait()
+            if group.rank == 1:
+                group.send(y, peer).wait()
+        return _timed(comm, there_and_back)
 
     return (all_reduce, 1) if op == "all_reduce" else (ping_pong, 2)
 
@@ -197,8 +209,8 @@ def _nccl_usable(world, MPI):
 
 
 def _nccl_ops(comm, op, MPI):
-    """(run(size), messages per op) over an NCCL communicator of comm's ranks, each rank on its
-    own GPU of its node."""
+    """(run(size) -> seconds, messages per op) over an NCCL communicator of comm's ranks, each
+    rank on its own GPU of its node."""
     import cupy
     from cupy.cuda import nccl
 
@@ -211,6 +223,10 @@ def _nccl_ops(comm, op, MPI):
 
     def run(size):
         x = cupy.ones(max(1, size // 4), cupy.float32)
+        stream.synchronize()
+        return _timed(comm, lambda: one(x))
+
+    def one(x):
         if op == "all_reduce":
             nc.allReduce(x.data.ptr, x.data.ptr, x.size, nccl.NCCL_FLOAT32, nccl.NCCL_SUM, stream.ptr)
         else:
