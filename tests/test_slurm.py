@@ -1,0 +1,106 @@
+"""slurm/single-node.sbatch submitted with sbatch to a private single-node SLURM
+(slurm/private-cluster.sh): results equal to one rank's, and SLURM's warning signal stops
+the job resumably."""
+
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from mpinfer.io.results import read_rows
+from test_run import BIN, assert_complete, mpinfer, prompt_lines, rows_by_id, write_job
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLUSTER = os.path.join(ROOT, "slurm", "private-cluster.sh")
+SCRIPT = os.path.join(ROOT, "slurm", "single-node.sbatch")
+SBIN = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"  # the daemons
+MISSING = [b for b in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel")
+           if shutil.which(b, path=SBIN) is None]
+pytestmark = pytest.mark.skipif(
+    bool(MISSING), reason=f"SLURM binaries missing: {', '.join(MISSING)} (bash .ci/setup mpi,test installs "
+                          "slurm-wlm and munge as root; in CI this skip means the setup is broken)")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """The environment of a private SLURM cluster, stopped at the end even after failures."""
+    folder = tmp_path_factory.mktemp("slurm")
+    started = subprocess.run(["bash", CLUSTER, "start", str(folder)], capture_output=True, text=True, timeout=60)
+    try:
+        assert started.returncode == 0, started.stderr
+        conf = re.fullmatch(r"export SLURM_CONF=(\S+)\n", started.stdout).group(1)
+        yield {**os.environ, "SLURM_CONF": conf, "MPINFER_VENV": os.path.dirname(BIN)}
+    finally:
+        subprocess.run(["bash", CLUSTER, "stop", str(folder)], timeout=60)
+
+
+def submit(env, folder, *args):
+    """sbatch SCRIPT args in folder; returns the job id."""
+    done = subprocess.run(["sbatch", "--parsable", *map(str, args)], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().split(";")[0]
+
+
+def job_state(env, job_id):
+    """(JobState, exit code) from scontrol; no accounting on the private cluster."""
+    text = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    state = re.search(r"JobState=(\S+)", text).group(1)
+    return state, int(re.search(r" ExitCode=(\d+):", text).group(1))
+
+
+def test_two_ranks_equal_one(slurm, tiny_model, tmp_path):
+    model = tiny_model("llama")
+    lines = prompt_lines(8)
+    ref_job, ref_out = write_job(tmp_path / "ref", model, lines)
+    done = mpinfer(1, "run", ref_job)
+    assert done.returncode == 0, done.stderr
+    job, out = write_job(tmp_path / "slurm", model, lines)
+    waited = subprocess.run(["sbatch", "--wait", "-n", "2", SCRIPT, job], cwd=tmp_path, env=slurm,
+                            capture_output=True, text=True, timeout=180)
+    logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert waited.returncode == 0, waited.stderr + logs
+    assert_complete(out, 8)
+    assert rows_by_id(out) == rows_by_id(ref_out)
+
+
+def test_warning_signal_stops_resumably(slurm, tiny_model, tmp_path):
+    """scancel --signal=USR1 (what --signal=USR1@120 sends before the time limit): exit code
+    75 within 10 s, the rows kept are the uninterrupted run's, submitting again completes."""
+    model = tiny_model("llama")
+    settings = dict(sampling={"max_new_tokens": 60}, engine={"max_batch_tokens": 16, "max_seqs": 1, "flush_seconds": 0.05})
+    ref_job, ref_out = write_job(tmp_path / "ref", model, prompt_lines(60, seed=7), **settings)
+    job, out = write_job(tmp_path / "slurm", model, prompt_lines(60, seed=7), **settings)
+    done = mpinfer(2, "run", ref_job)
+    assert done.returncode == 0, done.stderr
+    reference = rows_by_id(ref_out)
+    job_id = submit(slurm, tmp_path, "-n", "2", SCRIPT, job)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if out.exists() and len(read_rows(out)["id"]) >= 2:
+                break
+        except OSError:  # being replaced right now
+            pass
+        time.sleep(0.02)
+    assert job_state(slurm, job_id)[0] == "RUNNING"
+    signalled = time.time()
+    subprocess.run(["scancel", "--signal=USR1", job_id], env=slurm, check=True, timeout=10)
+    while job_state(slurm, job_id)[0] in ("RUNNING", "COMPLETING") and time.time() < signalled + 30:
+        time.sleep(0.1)
+    took = time.time() - signalled
+    logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert job_state(slurm, job_id) == ("FAILED", 75), logs
+    assert took < 10, took
+    kept = rows_by_id(out)
+    assert 2 <= len(kept) < 60, len(kept)
+    assert all(reference[i] == row for i, row in kept.items())
+    job_id = submit(slurm, tmp_path, "-n", "2", SCRIPT, job)
+    while job_state(slurm, job_id)[0] in ("PENDING", "RUNNING", "COMPLETING") and time.time() < deadline + 120:
+        time.sleep(0.2)
+    assert job_state(slurm, job_id) == ("COMPLETED", 0), logs
+    assert_complete(out, 60)
+    assert rows_by_id(out) == reference
