@@ -5,10 +5,10 @@ sequence's q, k, v from the same seed and keeps its zig-zag share. Prints one JS
 case (rank 0); exits non-zero on the first failure."""
 
 import json
-import sys
 
 import numpy as np
 from mpi4py import MPI
+from mpi_script import run
 
 from mpinfer.backend.numpy_backend import NumpyBackend
 from mpinfer.comm import Group
@@ -61,11 +61,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        sys.stdout.flush()
-        WORLD.Abort(1)
+    run(main)

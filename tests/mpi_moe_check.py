@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 from mpi4py import MPI
+from mpi_script import run
 
 from mpinfer.backend import get_backend
 from mpinfer.layers import TP
@@ -66,11 +67,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        sys.stdout.flush()
-        WORLD.Abort(1)
+    run(main)

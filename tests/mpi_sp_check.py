@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 from mpi4py import MPI
+from mpi_script import run
 
 from mpinfer.backend import get_backend
 from mpinfer.kvcache import PagedKVCache
@@ -68,11 +69,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        sys.stdout.flush()
-        WORLD.Abort(1)
+    run(main)
