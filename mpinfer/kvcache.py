@@ -134,7 +134,7 @@ class Batch:
         """This rank's part of a step with sharded sequences: a long prompt's whole prefill,
         alone (its zig-zag share), or decode tokens (every rank computes them, rank
         position % C stores them)."""
-        cp, bs = self.pool.cp, self.pool.block_size
+        cp = self.pool.cp
         positions, slots, kv_lens, q_lens = [], [], [], []
         for i, (s, n) in enumerate(zip(self.seqs, counts)):
             pos = np.arange(s.length, s.length + n)
@@ -150,7 +150,7 @@ class Batch:
             at = np.searchsorted(mine, stored)  # stored tokens among mine
             index = np.arange(len(keys) - len(stored), len(keys)) if keys is not None else stored  # their local slots
             slot = np.full(len(mine), -1, np.int64)
-            slot[at] = self.tables[i, index // bs] * bs + index % bs
+            slot[at] = self.pool_slots(i, index)
             positions.append(mine)
             slots.append(slot)
             q_lens.append(len(mine))
@@ -161,6 +161,11 @@ class Batch:
         self.counts = np.asarray(counts, np.int64)
         self.q_lens, self.kv_lens = np.array(q_lens, np.int64), np.array(kv_lens, np.int64)
         self.positions, self.slots = np.concatenate(positions), np.concatenate(slots)
+
+    def pool_slots(self, i, index):
+        """Pool rows of sequence i's cache entries number index (array): through its block table."""
+        bs = self.pool.block_size
+        return self.tables[i, index // bs] * bs + index % bs
 
     def last_rows(self, x, last_tokens):
         """The hidden states (R, D) of the step's tokens at last_tokens (indices among the

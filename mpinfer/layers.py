@@ -175,12 +175,11 @@ class Attention:
     def _split_kv(self, q, k_pool, v_pool, batch, out):
         """The rows of sequences sharded over the CP group (decode tokens, on every rank):
         attention over this rank's shard, merged with the other shards' (split-KV)."""
-        bs, starts = batch.pool.block_size, np.concatenate([[0], np.cumsum(batch.q_lens)])
+        starts = np.concatenate([[0], np.cumsum(batch.q_lens)])
         rows, outs, lses = [], [], []
         for i, keys in enumerate(batch.key_pos):
             if keys is not None:
-                local = np.arange(len(keys))
-                slots = batch.tables[i, local // bs] * bs + local % bs
+                slots = batch.pool_slots(i, np.arange(len(keys)))
                 row = slice(starts[i], starts[i + 1])
                 o, lse = self.be.partial_attention(q[row], k_pool[slots], v_pool[slots], batch.positions[row], keys,
                                                    self.window)

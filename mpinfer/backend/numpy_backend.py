@@ -161,8 +161,7 @@ class NumpyBackend:
         pieces = {}
 
         def keys(i, a, b):  # pool slots of sequence i's keys at positions a..b-1
-            pos = np.arange(a, b)
-            return batch.tables[i, pos // bs] * bs + pos % bs
+            return batch.pool_slots(i, np.arange(a, b))
 
         def run(task):
             if task[0] == "decode":
