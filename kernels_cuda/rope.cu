@@ -1,0 +1,70 @@
+// rope.cu: rotary position embedding, "rotate half" (pairs (i, i + Dh/2)), as NumpyBackend.rope:
+//   out[t, h, i]        = x[t, h, i] * cos[t, i] - x[t, h, i + half] * sin[t, i]
+//   out[t, h, i + half] = x[t, h, i + half] * cos[t, i] + x[t, h, i] * sin[t, i]     (i < half)
+// x, out float32 (T, heads, Dh) contiguous, half = Dh / 2; cos, sin float32 (T, half) contiguous.
+// out may be x (in place): each element pair is read and written by one thread only, so x and
+// out carry no __restrict__.
+//
+// Kernels: rope_v4(x, cos, sin, out, heads, half) 4 pairs per step (16-byte loads of x's two
+//          halves, cos and sin; two 16-byte stores). Needs half % 4 == 0 and x, cos, sin, out
+//          16-byte aligned.
+//          rope_s1(...) one pair per step, any half and alignment (the wrapper's fallback).
+// Launch: one block per token (grid = T), block min(256, heads * half / V rounded up to 32);
+// the block's threads stride over the token's heads * half / V steps. cos/sin of a token
+// are read once per head (from L1/L2). No shared memory.
+// Checked: bench/gpu/check_elementwise.py against NumpyBackend.rope on bf16-rounded x and
+// float32 cos/sin; timed as bw_frac (x read, out written, cos/sin read) next to a cupy
+// device-to-device copy of the same bytes.
+#include "common.cuh"
+
+template <int V> __device__ __forceinline__ void ld(const float* p, float* v) {
+    if constexpr (V == 4) {
+        const float4 a = *reinterpret_cast<const float4*>(p);
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    } else {
+        for (int i = 0; i < V; ++i) v[i] = p[i];
+    }
+}
+
+template <int V> __device__ __forceinline__ void st(float* p, const float* v) {
+    if constexpr (V == 4) {
+        *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+        for (int i = 0; i < V; ++i) p[i] = v[i];
+    }
+}
+
+template <int V>
+__device__ __forceinline__ void rope_token(const float* x, const float* __restrict__ cos,
+                                           const float* __restrict__ sin, float* out, int heads, int half) {
+    const long long t = blockIdx.x;
+    const int q = half / V;  // steps per head
+    const long long row = t * heads * 2 * half;
+    for (int u = threadIdx.x; u < heads * q; u += blockDim.x) {
+        const int h = u / q;
+        const int j = (u - h * q) * V;  // index in the first half
+        const long long p = row + (long long)h * 2 * half + j;
+        float a[V], b[V], c[V], s[V], o1[V], o2[V];
+        ld<V>(x + p, a);
+        ld<V>(x + p + half, b);
+        ld<V>(cos + t * half + j, c);
+        ld<V>(sin + t * half + j, s);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+            o1[i] = a[i] * c[i] - b[i] * s[i];
+            o2[i] = b[i] * c[i] + a[i] * s[i];
+        }
+        st<V>(out + p, o1);
+        st<V>(out + p + half, o2);
+    }
+}
+
+extern "C" __global__ void rope_v4(const float* x, const float* cos, const float* sin, float* out, int heads,
+                                   int half) {
+    rope_token<4>(x, cos, sin, out, heads, half);
+}
+
+extern "C" __global__ void rope_s1(const float* x, const float* cos, const float* sin, float* out, int heads,
+                                   int half) {
+    rope_token<1>(x, cos, sin, out, heads, half);
+}
