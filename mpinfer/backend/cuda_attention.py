@@ -16,8 +16,9 @@ import numpy as np
 from . import kernels
 from .kernels import require
 
-PREFILL_ROWS = 64  # query rows per block of the prefill kernel (BM in attention_prefill.cu)
-DECODE_CHUNKS = (512, 256, 128)  # keys per decode split, largest first
+PREFILL_MI = {64: 2, 128: 1}  # m16 row tiles per warp of the prefill kernel, per head dim (measured fastest on H200)
+DECODE_CHUNKS = (1024, 512, 256, 128)  # keys per decode split, largest first
+DECODE_TABLE = 256  # block-table entries a decode split stages (TAB in attention_decode.cu)
 SM_COUNT = 132
 HEAD_DIMS = (64, 128)
 
@@ -86,19 +87,23 @@ def varlen_attention(q, k_pool, v_pool, seg_q, q_pos, seg_k, key_slots, key_pos,
             f"varlen_attention lse: {lse.dtype} {lse.shape}, need float32 ({T}, {H}) contiguous")
     if T == 0 or nseg == 0:
         return out, lse
-    f = kernels.function("attention_prefill", f"attn_varlen_d{Dh}")
-    smem = (PREFILL_ROWS + 2 * 64) * Dh * 2
-    f.max_dynamic_shared_size_bytes = smem
-    grid = (-(-T // PREFILL_ROWS) + nseg, H)  # an upper bound on the row tiles; spare blocks exit
+    mi = PREFILL_MI[Dh]
+    f = kernels.function("attention_prefill", f"attn_varlen_d{Dh}_m{mi}")
+    smem = (64 * mi + 2 * 64) * Dh * 2  # Q tile, K tile, V tile (bf16)
+    if f.max_dynamic_shared_size_bytes < smem:
+        f.max_dynamic_shared_size_bytes = smem
+    grid = (-(-T // (64 * mi)) + nseg, H)  # an upper bound on the row tiles; spare blocks exit
     f(grid, (128,), (q, k_pool, v_pool, seg_q, q_pos, seg_k, key_slots, key_pos, out, lse, np.int32(nseg), np.int32(H),
                      np.int32(Hkv), np.int32(window), np.float32(1.0 / math.sqrt(Dh))), shared_mem=smem)
     return out, lse
 
 
-def decode_splits(B, groups, max_keys):
+def decode_splits(B, groups, max_keys, block_size=16):
     """(keys per split, splits) for B sequences x groups (KV head, head group) blocks of up to
-    max_keys keys: the largest chunk that still gives a few waves of blocks over the SMs."""
-    for chunk in DECODE_CHUNKS:
+    max_keys keys: the largest chunk that still gives a few waves of blocks over the SMs (and
+    whose block ids fit the kernel's staging table)."""
+    chunks = [c for c in DECODE_CHUNKS if c // block_size + 1 <= DECODE_TABLE]  # 128 always fits
+    for chunk in chunks:
         nsplit = max(1, -(-max_keys // chunk))
         if B * groups * nsplit >= 4 * SM_COUNT:
             break
@@ -135,7 +140,7 @@ def decode_attention(q, k_pool, v_pool, tables, kv_lens, block_size, window=0):
     G = H // Hkv
     GB = max(d for d in range(1, 9) if G % d == 0)  # query heads per block
     nb = tables.shape[1]
-    chunk, nsplit = decode_splits(B, Hkv * G // GB, nb * block_size)
+    chunk, nsplit = decode_splits(B, Hkv * G // GB, nb * block_size, block_size)
     po = cupy.empty((B, H, nsplit, Dh), np.float32)
     plse = cupy.empty((B, H, nsplit), np.float32)
     f = kernels.function("attention_decode", f"attn_decode_d{Dh}_g{GB}")
