@@ -1,0 +1,169 @@
+"""GPU check of the linear-layer kernels (mpinfer/backend/cuda_gemm.py: gemm.cu, gemv.cu).
+
+Correctness: C = A W^T (+ b) against NumpyBackend().linear on the same bf16-rounded
+inputs for small and ragged shapes (M in 1, 3, 16, 17, 100, 1000; N, K not multiples of
+the tiles; K = 200 leaves a partial K tile), and against a float32 cupy matmul of those
+inputs on the GPU for the big timed shapes (NumPy on the CPU is too slow there).
+A ~ N(0, 1), W ~ N(0, 1/K), b ~ N(0, 1): outputs are O(1).
+
+Timing (CUDA events, of calls replayed from CUDA graphs: a Python call costs as long as
+a 1024^3 or decode-shaped kernel; decode shapes cycle through copies of W over 3x the L2
+so W is read from memory): prefill shapes against torch.matmul in bf16 (cuBLAS),
+ratio = torch_us / us and TFLOP/s of both; decode shapes (M <= 16) as bw_frac = (W + A + C bytes) / time / copy
+bandwidth, with the torch.matmul time beside it.
+"""
+
+import traceback
+
+import cupy
+import numpy as np
+
+from mpinfer.backend.cuda_gemm import GEMV_MAX_M, gemm, gemv_plan
+from mpinfer.backend.numpy_backend import NumpyBackend
+from util import bits_to_f32, copy_bandwidth, poisoned, result, time_us
+
+CHECKS = [  # (M, N, K, bias): NumPy reference
+    (1, 576, 1536, True),
+    (1, 49152, 576, False),
+    (3, 1536, 576, True),
+    (5, 77, 200, True),  # N below one gemv block, K tail
+    (16, 4096, 4096, False),
+    (16, 14336, 4096, True),
+    (17, 1001, 200, True),  # odd N: scalar stores; K = 200: partial K tile
+    (100, 576, 1536, False),
+    (300, 1001, 1536, True),
+    (1000, 4096, 4096, True),
+]
+PREFILL = [(1024, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 4096), (8192, 8192, 8192), (4096, 14336, 4096)]
+DECODE = [(m, n, k) for m in (1, 4, 16) for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (49152, 576))]
+
+
+def _bf16_bits(x):
+    """float32 cupy -> uint16 bf16 bits, round to nearest even (as util.bf16_bits)."""
+    u = x.view(cupy.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(cupy.uint16)
+
+
+def _inputs(rng, M, N, K, with_bias):
+    """Fresh random a (M, K), w (N, K) bf16 bits and bias (N,) float32 or None, on the GPU."""
+    g = cupy.random.default_rng(int(rng.integers(1 << 62)))
+    a = _bf16_bits(g.standard_normal((M, K), dtype=cupy.float32))
+    w = _bf16_bits(g.standard_normal((N, K), dtype=cupy.float32) * np.float32(K**-0.5))
+    b = g.standard_normal(N, dtype=cupy.float32) if with_bias else None
+    return a, w, b
+
+
+def _checked(a, w, b, reference):
+    """gemm(a, w, b) into a poisoned buffer, and reference(a, w, b): (out, ref) float32."""
+    out = gemm(a, w, b, out=poisoned((a.shape[0], w.shape[0])))
+    return out, reference(a, w, b)
+
+
+def _numpy_ref(a, w, b):
+    return NumpyBackend(threads=1).linear(bits_to_f32(a.get()), bits_to_f32(w.get()), None if b is None else b.get())
+
+
+def _gpu_ref(a, w, b):
+    y = bits_to_f32(a) @ bits_to_f32(w).T
+    return y if b is None else y + b
+
+
+def _graph_us(fns, reps=10):
+    """Microseconds per call of fns (cupy launches; cycled through at least reps calls)
+    replayed from one CUDA graph: GPU time without Python's launch cost, which is as long
+    as a decode-shaped kernel."""
+    calls = [fns[i % len(fns)] for i in range(max(reps, len(fns)))]
+    s = cupy.cuda.Stream(non_blocking=True)
+    with s:
+        for fn in fns:  # on this stream first, so the memory pool holds their buffers for the capture
+            fn()
+        s.synchronize()
+        s.begin_capture()
+        for fn in calls:
+            fn()
+        graph = s.end_capture()
+        return time_us(lambda: graph.launch(s)) / len(calls)
+
+
+def _torch_us(a, ws, reps=10):
+    """Microseconds of one torch.matmul (cuBLAS, bf16 in and out) of a by each w of ws,
+    replayed from a CUDA graph cycling through ws (as _graph_us)."""
+    import torch
+
+    ta = torch.from_dlpack(a).view(torch.bfloat16)
+    tws = [torch.from_dlpack(w).view(torch.bfloat16) for w in ws]
+    calls = [tws[i % len(tws)] for i in range(max(reps, len(tws)))]
+    for tw in tws:
+        torch.matmul(ta, tw.T)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for tw in calls:
+            torch.matmul(ta, tw.T)
+    return time_us(g.replay) / len(calls)
+
+
+def _weight_copies(w):
+    """w and copies of it, together over 3x the L2 cache: timing cycles through them so W
+    comes from memory, as a decode step's weights do (the H200's 60 MB L2 holds a 4096^2 W)."""
+    l2 = cupy.cuda.Device().attributes["L2CacheSize"]
+    return [w] + [w.copy() for _ in range(-(-3 * l2 // w.nbytes) - 1)]
+
+
+def _name(M, N, K):
+    """The kernel the wrapper launches for this shape."""
+    return gemv_plan(N, K)[0] if M <= GEMV_MAX_M else "gemm_bf16"
+
+
+def _row(kernel, shape, fn):
+    try:
+        return fn()
+    except Exception:
+        return {"kernel": kernel, "shape": shape, "ok": False, "error": traceback.format_exc(limit=4)}
+
+
+def _check(rng, M, N, K, with_bias):
+    a, w, b = _inputs(rng, M, N, K, with_bias)
+    out, ref = _checked(a, w, b, _numpy_ref)
+    return result(_name(M, N, K), [M, N, K], out.get(), ref, bias=with_bias)
+
+
+def _prefill(rng, M, N, K):
+    a, w, b = _inputs(rng, M, N, K, False)
+    out, ref = _checked(a, w, b, _gpu_ref)
+    err = float(cupy.linalg.norm(out - ref) / cupy.linalg.norm(ref)) if bool(cupy.isfinite(out).all()) else float("inf")
+    del out, ref
+    us = _graph_us([lambda: gemm(a, w)], reps=5)
+    base = _torch_us(a, [w], reps=5)
+    flop = 2.0 * M * N * K
+    return {"kernel": "gemm_bf16", "shape": [M, N, K], "rel_err": err, "ok": bool(err < 1e-2), "us": us,
+            "baseline": "torch.matmul bf16", "baseline_us": base, "ratio": base / us, "tflops": flop / us / 1e6,
+            "baseline_tflops": flop / base / 1e6}
+
+
+def _decode(rng, M, N, K):
+    a, w, b = _inputs(rng, M, N, K, False)
+    out, ref = _checked(a, w, b, _gpu_ref)
+    row = result(_name(M, N, K), [M, N, K], out.get(), ref.get())
+    ws = _weight_copies(w)
+    us = _graph_us([lambda w=w: gemm(a, w) for w in ws])
+    base = _torch_us(a, ws)
+    nbytes = 2 * N * K + 2 * M * K + 4 * M * N
+    row.update(us=us, baseline="torch.matmul bf16", baseline_us=base, ratio=base / us,
+               bw_frac=nbytes / (us * 1e-6) / copy_bandwidth())
+    return row
+
+
+def _empty(rng):
+    a, w, _ = _inputs(rng, 0, 576, 1536, False)
+    out = gemm(a, w)
+    return {"kernel": "gemm (no rows)", "shape": [0, 576, 1536], "ok": out.shape == (0, 576)}
+
+
+def run(rng):
+    rows = [_row(_name(m, n, k), [m, n, k], lambda: _check(rng, m, n, k, bias)) for m, n, k, bias in CHECKS]
+    rows += [_row("gemm_bf16", [m, n, k], lambda: _prefill(rng, m, n, k)) for m, n, k in PREFILL]
+    rows += [_row(_name(m, n, k), [m, n, k], lambda: _decode(rng, m, n, k)) for m, n, k in DECODE]
+    rows.append(_row("gemm (no rows)", [0, 576, 1536], lambda: _empty(rng)))
+    cupy.get_default_memory_pool().free_all_blocks()
+    return rows

@@ -1,0 +1,110 @@
+"""Linear layers on the GPU: C = A W^T (+ bias) with bf16 inputs and float32 output.
+
+Two kernels (kernels_cuda/gemm.cu, kernels_cuda/gemv.cu; their headers are the manuals):
+decode-shaped products (M <= 16 rows) are memory-bound on W and go to the skinny gemv
+kernel; anything taller goes to the tensor-core GEMM.
+"""
+
+from functools import lru_cache
+
+import cupy
+import numpy as np
+
+from . import kernels
+
+GEMV_MAX_M = 16
+SMS = 132  # H100 / H200 multiprocessors: the grids below are sized to fill them
+
+_TILES = {  # kernel -> (block N, stages, threads); block M is 128, K tile 64
+    "gemm_bf16_128x256": (256, 3, 256),
+    "gemm_bf16_128x128": (128, 3, 256),
+}
+_GEMM_BM, _GEMM_BK = 128, 64
+_GEMV_KC_UNIT = 256  # a split gemv block's K range is a multiple of 256 (8 warps x 32)
+
+
+def _null():
+    return np.uint64(0)
+
+
+def _check(a, w, bias):
+    kernels.require(a.dtype == np.uint16 and a.ndim == 2,
+                    f"gemm: a must be 2-D uint16 (bf16 bits), got {a.dtype} {a.shape}")
+    kernels.require(w.dtype == np.uint16 and w.ndim == 2,
+                    f"gemm: w must be 2-D uint16 (bf16 bits) (out, in), got {w.dtype} {w.shape}")
+    kernels.require(a.flags.c_contiguous, f"gemm: a {a.shape} must be C-contiguous")
+    kernels.require(w.flags.c_contiguous, f"gemm: w {w.shape} must be C-contiguous")
+    kernels.require(a.shape[1] == w.shape[1], f"gemm: a {a.shape} and w {w.shape} must share K (their last axis)")
+    kernels.require(a.shape[1] > 0 and a.shape[1] % 8 == 0,
+                    f"gemm: K = {a.shape[1]} must be a positive multiple of 8 (16-byte rows)")
+    kernels.require(a.data.ptr % 16 == 0 and w.data.ptr % 16 == 0,
+                    f"gemm: a and w must be 16-byte aligned (addresses {a.data.ptr:#x}, {w.data.ptr:#x})")
+    if bias is not None:
+        kernels.require(bias.dtype == np.float32 and bias.shape == (w.shape[0],) and bias.flags.c_contiguous,
+                        f"gemm: bias must be contiguous float32 ({w.shape[0]},), got {bias.dtype} {bias.shape}")
+
+
+def gemm(a, w, bias=None, out=None):
+    """a (M, K) uint16 bf16 bits, w (N, K) uint16 bf16 bits (a Linear weight, (out, in)),
+    bias (N,) float32 or None -> float32 (M, N) = a @ w.T + bias, new or written into out
+    (C-contiguous float32 (M, N)). All C-contiguous, K % 8 == 0, a and w 16-byte aligned."""
+    _check(a, w, bias)
+    (M, K), N = a.shape, w.shape[0]
+    if out is None:
+        out = cupy.empty((M, N), np.float32)
+    kernels.require(out.dtype == np.float32 and out.shape == (M, N) and out.flags.c_contiguous,
+                    f"gemm: out must be C-contiguous float32 {(M, N)}, got {out.dtype} {out.shape}")
+    if M == 0 or N == 0:
+        return out
+    b = bias if bias is not None else _null()
+    if M <= GEMV_MAX_M:
+        _gemv(a, w, b, out, M, N, K)
+    else:
+        _gemm(a, w, b, out, M, N, K)
+    return out
+
+
+def _gemm(a, w, b, out, M, N, K):
+    # 128x256 tiles unless they leave over half of the SMs idle; then 128x128 (2 per SM)
+    tiles_m = -(-M // _GEMM_BM)
+    name = "gemm_bf16_128x256" if tiles_m * -(-N // 256) >= SMS // 2 else "gemm_bf16_128x128"
+    bn, stages, threads = _TILES[name]
+    smem = stages * (_GEMM_BM + bn) * _GEMM_BK * 2
+    f = _gemm_function(name, smem)
+    grid = (tiles_m * -(-N // bn), 1, 1)
+    f(grid, (threads, 1, 1), (a, w, b, out, np.int32(M), np.int32(N), np.int32(K)), shared_mem=smem)
+
+
+@lru_cache(maxsize=None)
+def _gemm_function(name, smem):
+    """The kernel with its shared-memory opt-in set once (a driver call per launch otherwise)."""
+    f = kernels.function("gemm", name)
+    f.max_dynamic_shared_size_bytes = smem
+    return f
+
+
+def gemv_plan(N, K):
+    """(kernel, columns per block, splits, kc) of the gemv for w (N, K). Wide N: 64-column
+    blocks (2 warps along K), with 2 K blocks per loop trip for short K. Else 16-column
+    blocks (8 warps along K), whose K is cut into splits ranges of kc (a multiple of 256)
+    only when the ceil(N/16) blocks leave SMs idle; then into about two blocks per SM."""
+    if -(-N // 64) >= SMS:
+        return ("gemv_bf16_k2_u2" if K <= 1024 else "gemv_bf16_k2"), 64, 1, K
+    blocks = -(-N // 16)
+    splits = 1 if blocks >= SMS else min(-(-2 * SMS // blocks), -(-K // _GEMV_KC_UNIT))
+    kc = -(-K // splits)
+    kc = -(-kc // _GEMV_KC_UNIT) * _GEMV_KC_UNIT
+    return "gemv_bf16", 16, -(-K // kc), kc
+
+
+def _gemv(a, w, b, out, M, N, K):
+    name, cols, splits, kc = gemv_plan(N, K)
+    dst = out if splits == 1 else cupy.empty((splits, M, N), np.float32)
+    grid = (-(-N // cols), splits, 1)
+    kernels.function("gemv", name)(
+        grid, (256, 1, 1), (a, w, b if splits == 1 else _null(), dst, np.int32(M), np.int32(N), np.int32(K),
+                            np.int32(kc)))
+    if splits > 1:
+        MN = M * N
+        kernels.function("gemv", "gemv_reduce")(
+            (-(-MN // 256), 1, 1), (256, 1, 1), (dst, b, out, np.int32(MN), np.int32(N), np.int32(splits)))
