@@ -40,7 +40,7 @@ def poisoned(shape, dtype=np.float32):
 
     if np.dtype(dtype).kind == "f":
         return cupy.full(shape, np.nan, dtype)
-    return cupy.full(shape, -1, dtype)
+    return cupy.full(shape, np.iinfo(dtype).max if np.dtype(dtype).kind == "u" else -1, dtype)
 
 
 def time_us(fn, warmup=3, repeat=20):
