@@ -15,9 +15,9 @@
 //   split i covers key positions [i * chunk, (i + 1) * chunk). A block takes GB (the template
 //   number, dividing G) query heads of one KV head, so each K/V byte is read once per block.
 //   Dh / 8 lanes share a key (one 16-byte load each: 8 dims), a warp holds 32 / (Dh / 8) keys
-//   per load and 4 such loads of K and 4 of V in flight; scores reduced by shuffles, fp32 math
-//   on CUDA cores (decode is memory-bound), online softmax per lane group, merged over lane
-//   groups (shuffles) and warps (shared memory) at the end.
+//   per load, 4 such loads of K and 4 of V per iteration, issued one iteration ahead; scores
+//   reduced by shuffles, fp32 math on CUDA cores (decode is memory-bound), online softmax per
+//   lane group, merged over lane groups (shuffles) and warps (shared memory) at the end.
 // attn_decode_merge(po, plse, out, nsplit, Dh): out (B, H, Dh) float32 = log-sum-exp merge of
 //   the splits; grid (B * H), block (Dh).
 // Checked against NumpyBackend._decode_attention / paged_attention (bench/gpu/check_attention.py),

@@ -29,7 +29,10 @@
 //   max and sum per query row stay in registers; only tiles that straddle a boundary are masked.
 // Checked against NumpyBackend.partial_attention (bench/gpu/check_attention.py), timed against
 //   torch scaled_dot_product_attention(is_causal=True) bf16 (flash): on an H200, 4096 causal
-//   tokens, H 32, Hkv 8: Dh 128 ~168 TFLOP/s = 0.63x torch's ~268; Dh 64 0.72x.
+//   tokens, H 32, Hkv 8: Dh 128 ~168 TFLOP/s = 0.63x torch's ~268; Dh 64 0.72x. Tried and not
+//   faster there: 3 blocks per SM (168 registers, spills), two cp.async stages of K and V with
+//   one barrier per tile (0.59x at Dh 128).
+// Rows of q outside every segment are not written; segments must cover rows 0..T-1.
 #include "common.cuh"
 
 #define BN 64    // keys per tile

