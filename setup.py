@@ -21,10 +21,14 @@ setup(
         # mpi4py needs an MPI library: on a cluster the site MPI (mpi4py built against it),
         # elsewhere the MPICH wheel from PyPI.
         "mpi": ["mpich"],
-        "gpu": ["cupy-cuda12x", "nvidia-nccl-cu12"],
+        # GPUs: CuPy runs the kernels, NVRTC (through cuda-bindings) compiles them, NCCL
+        # carries TP traffic inside a node. On CUDA 13 use cupy-cuda13x and cuda-bindings 13.
+        "gpu": ["cupy-cuda12x", "nvidia-nccl-cu12", "cuda-bindings>=12.9,<13", "nvidia-cuda-nvrtc-cu12"],
         # transformers on CPU is the reference the tests compare against; torch is pinned
         # to the CPU build (an unpinned torch pulls a CUDA build of several GB).
-        "test": ["pytest", "torch==2.13.0", "transformers>=5,<6", "accelerate", "mpich"],
+        # NVRTC (no GPU needed): the tests compile every kernel to an sm_90 cubin.
+        "test": ["pytest", "torch==2.13.0", "transformers>=5,<6", "accelerate", "mpich", "cuda-bindings>=12.9,<13",
+                 "nvidia-cuda-nvrtc-cu12"],
     },
     entry_points={"console_scripts": ["mpinfer=mpinfer.cli:main"]},
 )

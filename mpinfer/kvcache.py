@@ -35,18 +35,20 @@ class SequenceCache:
 
 
 class PagedKVCache:
-    def __init__(self, num_layers, kv_heads, head_dim, num_blocks, block_size=16):
+    def __init__(self, num_layers, kv_heads, head_dim, num_blocks, block_size=16, be=None):
+        """be: the backend whose arrays hold the pools (default: float32 numpy)."""
         self.block_size = block_size
-        self.k = [np.zeros((num_blocks * block_size, kv_heads, head_dim), np.float32) for _ in range(num_layers)]
-        self.v = [np.zeros_like(k) for k in self.k]
+        alloc = be.kv_pool if be is not None else lambda *shape: np.zeros(shape, np.float32)
+        self.k = [alloc(num_blocks * block_size, kv_heads, head_dim) for _ in range(num_layers)]
+        self.v = [alloc(num_blocks * block_size, kv_heads, head_dim) for _ in range(num_layers)]
         self.free = list(range(num_blocks - 1, -1, -1))  # a stack: lowest ids handed out first
         self.cp = None  # comm.Group of the CP group under context parallelism (set by the runner)
 
     @staticmethod
-    def blocks_for_bytes(cfg, layers, kv_heads, nbytes, block_size):
-        """Blocks that fit in nbytes (K and V, float32, of `layers` layers with kv_heads
-        heads: this rank's share under tensor and pipeline parallelism)."""
-        per_block = 2 * max(1, layers) * block_size * kv_heads * cfg.head_dim * 4
+    def blocks_for_bytes(cfg, layers, kv_heads, nbytes, block_size, item=4):
+        """Blocks that fit in nbytes (K and V of `layers` layers with kv_heads heads: this
+        rank's share under tensor and pipeline parallelism; item bytes per element)."""
+        per_block = 2 * max(1, layers) * block_size * kv_heads * cfg.head_dim * item
         return max(1, int(nbytes // per_block))
 
     @classmethod
@@ -55,8 +57,8 @@ class PagedKVCache:
         for sized_for_layers layers (the largest pipeline stage's: every stage of a
         pipeline must have the same blocks, as the first stage's block tables apply to all)."""
         cfg = model.config
-        blocks = cls.blocks_for_bytes(cfg, sized_for_layers, model.kv_heads, nbytes, block_size)
-        return cls(len(model.blocks), model.kv_heads, cfg.head_dim, blocks, block_size)
+        blocks = cls.blocks_for_bytes(cfg, sized_for_layers, model.kv_heads, nbytes, block_size, model.be.kv_bytes)
+        return cls(len(model.blocks), model.kv_heads, cfg.head_dim, blocks, block_size, model.be)
 
     @property
     def num_blocks(self):

@@ -107,7 +107,7 @@ class Linear:
         self.splits = np.cumsum([len(range(n)[rows or slice(None)]) for _, n, rows in parts])[:-1]
         self.w = be.weight(np.concatenate([ckpt.get(f"{name}.weight", (n, in_features), rows, cols)
                                            for name, n, rows in parts]))
-        self.b = be.weight(np.concatenate([ckpt.get(f"{name}.bias", (n,), rows) for name, n, rows in parts])) if bias else None
+        self.b = be.bias(np.concatenate([ckpt.get(f"{name}.bias", (n,), rows) for name, n, rows in parts])) if bias else None
 
     def __call__(self, x):
         if self.tp is None:
@@ -161,9 +161,8 @@ class Attention:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.be.rope(q, cos, sin), self.be.rope(k, cos, sin)
         k_pool, v_pool = kv.k[self.slot], kv.v[self.slot]  # (slots, Hkv/P, Dh)
-        stored = batch.slots >= 0  # all but, under CP, tokens another rank stores
-        self.be.store_kv(k_pool, batch.slots[stored], k[stored])
-        self.be.store_kv(v_pool, batch.slots[stored], v[stored])
+        self.be.store_kv(k_pool, batch.slots, k)  # slot -1: under CP, a token another rank stores
+        self.be.store_kv(v_pool, batch.slots, v)
         if batch.shares is not None:  # one long prompt over the CP group
             out = self.context(self.be, q, k, v, batch.shares, self.window, kv.cp)
         else:

@@ -56,7 +56,7 @@ class Decoder:
     def __init__(self, ckpt, be, tp_group=None, layers=None, ep=None, cp_method="ring", sp=False):
         cfg = self.config = ckpt.config
         self.be = be
-        self.tp = tp = TP(tp_group, sp)
+        self.tp = tp = TP(be.group(tp_group), sp)  # on GPUs: NCCL inside a node, else host-staged MPI
         ep = ep or EP(slices=tp.size, slice=tp.rank)
         check_tp(cfg, tp.size)
         check_ep(cfg, ep.size, ep.slices)

@@ -154,14 +154,7 @@ class MoE:
 
     def route(self, x):
         """x (T, D) -> experts (T, A) int64 and weights (T, A) float32."""
-        logits = self.be.linear(x, self.router)  # (T, E)
-        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        probs /= probs.sum(axis=-1, keepdims=True)
-        experts = np.argsort(-probs, axis=-1, kind="stable")[:, : self.top]  # (T, A), ties: lower id
-        weights = np.take_along_axis(probs, experts, axis=-1)
-        if self.norm:
-            weights /= weights.sum(axis=-1, keepdims=True)
-        return experts, weights
+        return self.be.route(self.be.linear(x, self.router), self.top, self.norm)  # logits (T, E)
 
     def __call__(self, x):
         """x (T, D), the same on every rank of the TP group -> (T, D), summed over the TP group
@@ -190,10 +183,10 @@ class MoE:
         else:
             sent = order[dest == self.ep.rank]
             y = self._compute(x[sent // A], pairs[sent])
-        y *= weights[a:b].ravel()[sent][:, None]
-        per_pair = np.zeros(((b - a) * A, D), np.float32)
+        y *= self.be.asarray(weights[a:b].ravel()[sent][:, None])
+        per_pair = self.be.zeros(((b - a) * A, D))
         per_pair[sent] = y
-        out = np.zeros((T, D), np.float32)
+        out = self.be.zeros((T, D))
         out[a:b] = per_pair.reshape(b - a, A, D).sum(axis=1)  # this rank's part of the sum
         if self.shared is not None:  # the gate is the same on every rank: gate * sum = sum of gate * part
             gate = 1.0 / (1.0 + np.exp(-self.be.linear(x, self.shared_gate)))  # (T, 1)

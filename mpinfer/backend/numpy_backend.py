@@ -27,6 +27,8 @@ class NumpyBackend:
     and element-wise ops are split over them in chunks; NumPy releases the GIL inside each."""
 
     name = "numpy"
+    kv_bytes = 4  # per element of the KV cache (float32)
+    param_bytes = 4
 
     def __init__(self, threads=None):
         threads = threads or int(os.environ.get("OPENBLAS_NUM_THREADS") or len(os.sched_getaffinity(0)))
@@ -48,8 +50,40 @@ class NumpyBackend:
         self.weight_bytes += array.nbytes
         return array
 
+    def bias(self, array):
+        """A bias, added to float32 activations (here as weight() keeps it)."""
+        return self.weight(array)
+
     def to_numpy(self, x):
         return x
+
+    def asarray(self, x):
+        """Host activations -> this backend's (here the same arrays)."""
+        return x
+
+    def group(self, group):
+        """comm.Group -> the group this backend's arrays travel over (here MPI as it is)."""
+        return group
+
+    def zeros(self, shape):
+        """float32 activations of zeros."""
+        return np.zeros(shape, np.float32)
+
+    def route(self, logits, top, norm):
+        """MoE router: logits (T, E) -> experts (T, top) int64 and weights (T, top) float32, as
+        host arrays. Softmax in float32, the top experts by probability (ties: the lower id),
+        weights renormalised to sum 1 when norm."""
+        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        experts = np.argsort(-probs, axis=-1, kind="stable")[:, :top]  # (T, A), ties: lower id
+        weights = np.take_along_axis(probs, experts, axis=-1)
+        if norm:
+            weights /= weights.sum(axis=-1, keepdims=True)
+        return experts, weights
+
+    def kv_pool(self, rows, heads, head_dim):
+        """One layer's K or V pool: (rows, heads, head_dim) float32."""
+        return np.zeros((rows, heads, head_dim), np.float32)
 
     def embedding(self, table, ids, offset=0):
         # table (Vp, D) holding vocabulary rows offset.., ids (T,) -> (T, D), zero rows for
@@ -136,8 +170,10 @@ class NumpyBackend:
                 lse.transpose(2, 0, 1).reshape(T, H).astype(np.float32))
 
     def store_kv(self, pool, slots, x):
-        # pool (slots total, Hkv, Dh) of one layer; the new tokens' x (T, Hkv, Dh) go to rows slots (T,)
-        pool[slots] = x
+        # pool (slots total, Hkv, Dh) of one layer; the new tokens' x (T, Hkv, Dh) go to rows
+        # slots (T,); a negative slot: not stored here (under CP another rank stores that token)
+        keep = slots >= 0
+        pool[slots[keep]] = x[keep]
 
     def paged_attention(self, q, k_pool, v_pool, batch, window):
         """attention() for every sequence of a batch, reading K/V from the paged pools.

@@ -89,7 +89,7 @@ class Pipe:
         header = {"mb": k, **plan.batch.geometry(), "last_tokens": plan.last_tokens.tolist(),
                   "wants": [[dataclasses.asdict(p), key, step] for p, key, step in plan.wants()],
                   "busy": [time.perf_counter() - t]}
-        self.outbox.send(1, HEADER, header, x)
+        self.outbox.send(1, HEADER, header, self.model.be.to_numpy(x))  # MPI carries host arrays
 
     def land(self, k, plan):
         chosen = dispatch.poll(self.pp.comm, self.pp.size - 1, RESULT, block=True)[2]
@@ -119,7 +119,7 @@ def run_stage(model, pool, pp):
         request.wait()
         t = time.perf_counter()
         batch = Batch.of_geometry(pool, header)
-        x = model.run_layers(x, batch)
+        x = model.run_layers(model.be.asarray(x), batch)
         if last:
             wants = [(SamplingParams.from_json(p), key, step) for p, key, step in header["wants"]]
             chosen = _choose(model, lambda: model.final_rows(x, batch, np.array(header["last_tokens"], np.int64)), wants)
@@ -127,7 +127,7 @@ def run_stage(model, pool, pp):
             outbox.send(0, RESULT, chosen)
         else:
             header["busy"].append(time.perf_counter() - t)
-            outbox.send(pp.rank + 1, HEADER, header, x)
+            outbox.send(pp.rank + 1, HEADER, header, model.be.to_numpy(x))
     outbox.drain()
 
 

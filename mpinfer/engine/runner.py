@@ -91,8 +91,13 @@ def run_job(job_file, overrides, skip_invalid=False, overwrite=False, comm=MPI.C
         ckpt = setup["ckpt"] if comm.rank == 0 else open_checkpoint(job.model_path)
         tokenizer = setup["tokenizer"] if comm.rank == 0 else load_tokenizer(job.model_path, ckpt)
         # each rank reads only its slices: its TP part of its pipeline stage's layers
-        model = Decoder(ckpt, get_backend(eng.backend), topo.tp, m.layer_range(ckpt.config.num_layers),
-                        EP.of(topo, job.moe.capacity_factor), job.parallel.cp_method, job.parallel.sp)
+        be, ep = get_backend(eng.backend, comm), EP.of(topo, job.moe.capacity_factor)
+        if be.name == "cuda" and (ep.group is not None or job.parallel.cp > 1):
+            raise UserError(f"{job.path}: engine.backend = 'cuda' does not run context parallelism or expert "
+                            "parallelism across replicas yet; use engine.backend = 'numpy' for parallel.cp > 1 or "
+                            "an ep larger than tp")
+        model = Decoder(ckpt, be, topo.tp, m.layer_range(ckpt.config.num_layers), ep, job.parallel.cp_method,
+                        job.parallel.sp)
     except UserError as e:  # e.g. a weight file truncated after its header
         problem = str(e)
     if _any_problem(comm, problem):

@@ -1,0 +1,178 @@
+"""The CUDA backend: the NumPy backend's ops on one GPU, through our kernels (kernels_cuda/).
+
+What lives where: weights and the KV cache are bf16 on the GPU (cupy uint16 arrays holding
+the bits: CuPy has no bfloat16 dtype); activations between ops are float32 cupy arrays, so
+the model code's residual adds, splits and reshapes run unchanged on either backend. Every
+matmul rounds its input rows to bf16 (one cast pass) and accumulates in fp32 on the tensor
+cores; attention reads bf16 K/V and accumulates in fp32. Small host arrays the model passes
+in (positions, slots, cos/sin of the step) are uploaded once per step, not once per layer.
+
+Shapes as in numpy_backend.py.
+"""
+
+from collections import OrderedDict
+
+import cupy
+import numpy as np
+
+from . import cuda_attention as att
+from . import cuda_elementwise as ew
+from . import cuda_routing as routing
+from .cuda_comm import gpu_group
+from .cuda_gemm import gemm
+
+
+class CudaBackend:
+    name = "cuda"
+    kv_bytes = 2  # per element of the KV cache (bf16)
+    param_bytes = 2
+
+    def __init__(self, device=0):
+        """device: the GPU's index among those this process sees (cuda_comm.pick_device)."""
+        self.device = cupy.cuda.Device(device)
+        self.device.use()
+        self.weight_bytes = 0
+        self._uploads = OrderedDict()  # id(host array) -> (host array, device copy): the last few
+
+    def weight(self, array):
+        """A checkpoint tensor (float32 numpy) -> bf16 bits on the GPU, rounded to nearest even."""
+        u = np.ascontiguousarray(array, np.float32).view(np.uint32)
+        bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)  # wraps only for NaN/inf inputs
+        out = cupy.asarray(bits)
+        self.weight_bytes += out.nbytes
+        return out
+
+    def bias(self, array):
+        """A bias stays float32 (it is added to float32 activations; a few KB)."""
+        out = cupy.asarray(np.ascontiguousarray(array, np.float32))
+        self.weight_bytes += out.nbytes
+        return out
+
+    def group(self, group):
+        """comm.Group -> the group for this backend's arrays: NCCL or host-staged MPI."""
+        return gpu_group(group, self.device.id)
+
+    def asarray(self, x):
+        """Host activations (float32 numpy) -> the backend's (float32 on the GPU)."""
+        return cupy.asarray(x)
+
+    def to_numpy(self, x):
+        return cupy.asnumpy(x)
+
+    def zeros(self, shape):
+        return cupy.zeros(shape, cupy.float32)
+
+    def route(self, logits, top, norm):
+        """As NumpyBackend.route, on the GPU (kernels_cuda/moe_routing.cu); host results (the
+        MoE layer's pair bookkeeping runs on the host)."""
+        experts, weights = routing.route(cupy.ascontiguousarray(logits), top, norm)
+        return cupy.asnumpy(experts).astype(np.int64), cupy.asnumpy(weights)
+
+    def kv_pool(self, rows, heads, head_dim):
+        """One layer's K or V pool: (rows, heads, head_dim) bf16."""
+        return cupy.zeros((rows, heads, head_dim), cupy.uint16)
+
+    def _up(self, x, dtype):
+        """A host array on the GPU as dtype; the same host object (cos/sin of a step, used by
+        every layer) is uploaded once. Holding the host array keeps its id from being reused."""
+        if isinstance(x, cupy.ndarray):
+            return x.astype(dtype, copy=False)
+        hit = self._uploads.get(id(x))
+        if hit is not None and hit[0] is x and hit[1].dtype == dtype:
+            return hit[1]
+        dev = cupy.asarray(np.ascontiguousarray(x, dtype))
+        self._uploads[id(x)] = (x, dev)
+        if len(self._uploads) > 8:
+            self._uploads.popitem(last=False)
+        return dev
+
+    def embedding(self, table, ids, offset=0):
+        return ew.embedding(table, self._up(ids, np.int64), offset)
+
+    def linear(self, x, w, b=None):
+        # x (T, in) float32 -> bf16 rows; w (out, in) bf16 -> (T, out) float32
+        return gemm(ew.to_bf16(cupy.ascontiguousarray(x)), w, b)  # b: float32 (bias())
+
+    def rmsnorm(self, x, w, eps):
+        return ew.rmsnorm(cupy.ascontiguousarray(x), w, eps)
+
+    def rope(self, x, cos, sin):
+        return ew.rope(cupy.ascontiguousarray(x), self._up(cos, np.float32), self._up(sin, np.float32))
+
+    def silu_mul(self, gate, up):
+        return ew.silu_mul(gate, up)
+
+    def store_kv(self, pool, slots, x):
+        # slots (T,): pool rows; negative = not stored here (under CP another rank stores it)
+        att.store_kv(pool, self._up(slots, np.int32), cupy.ascontiguousarray(x, cupy.float32))
+
+    def partial_attention(self, q, k, v, q_pos, k_pos, window):
+        """As NumpyBackend.partial_attention; k, v float32 activations or bf16 pool rows."""
+        k, v = (x if x.dtype == cupy.uint16 else ew.to_bf16(cupy.ascontiguousarray(x)) for x in (k, v))
+        T, S = len(q), len(k)
+        return att.varlen_attention(cupy.ascontiguousarray(q), k, v, cupy.asarray([0, T], np.int32),
+                                    self._up(q_pos, np.int32), cupy.asarray([0, S], np.int32),
+                                    cupy.arange(S, dtype=np.int32), self._up(k_pos, np.int32), window)
+
+    def attention(self, q, k, v, q_pos, window):
+        return self.partial_attention(q, k, v, q_pos, np.arange(len(k)), window)[0]
+
+    def paged_attention(self, q, k_pool, v_pool, batch, window):
+        """As NumpyBackend.paged_attention: decoding sequences through the split-KV decode
+        kernel, prefill chunks through the varlen flash kernel; rows of CP-sharded sequences
+        are left to the caller."""
+        meta = _Meta.of(batch)
+        q = cupy.ascontiguousarray(q)
+        out = cupy.empty_like(q)
+        if meta.decode_rows is not None:
+            o = att.decode_attention(q[meta.decode_rows] if meta.gather_decode else q, k_pool, v_pool, meta.tables,
+                                     meta.kv_lens, batch.pool.block_size, window)
+            if meta.gather_decode:
+                out[meta.decode_rows] = o
+            else:
+                out = o
+        if meta.prefill_rows is not None:
+            o, _ = att.varlen_attention(q[meta.prefill_rows], k_pool, v_pool, meta.seg_q, meta.q_pos, meta.seg_k,
+                                        meta.key_slots, meta.key_pos, window)
+            out[meta.prefill_rows] = o
+        return out
+
+
+class _Meta:
+    """A batch's attention metadata on the GPU, built once per step (every layer shares it)."""
+
+    @classmethod
+    def of(cls, batch):
+        meta = getattr(batch, "_cuda_meta", None)
+        if meta is None:
+            meta = batch._cuda_meta = cls(batch)
+        return meta
+
+    def __init__(self, batch):
+        starts = np.concatenate([[0], np.cumsum(batch.q_lens)]).astype(np.int64)
+        plain = np.array([k is None for k in batch.key_pos], bool)
+        decode = np.flatnonzero((batch.q_lens == 1) & plain)
+        prefill = np.flatnonzero((batch.q_lens > 1) & plain)
+        self.decode_rows = self.prefill_rows = None
+        # every row a decode row, in order: the decode kernel's output is the whole result
+        self.gather_decode = not (len(decode) == len(batch.q_lens) == starts[-1])
+        if len(decode):
+            bs = batch.pool.block_size
+            nb = -(-int(batch.kv_lens[decode].max()) // bs)
+            self.decode_rows = cupy.asarray(starts[decode])
+            self.tables = cupy.asarray(np.ascontiguousarray(batch.tables[decode, :nb], np.int32))
+            self.kv_lens = cupy.asarray(batch.kv_lens[decode].astype(np.int32))
+        if len(prefill):
+            rows, q_pos, slots, key_pos, seg_q, seg_k = [], [], [], [], [0], [0]
+            for i in prefill:
+                n, S = int(batch.q_lens[i]), int(batch.kv_lens[i])
+                rows.append(np.arange(starts[i], starts[i] + n))
+                q_pos.append(np.arange(S - n, S))
+                slots.append(batch.pool_slots(i, np.arange(S)))
+                key_pos.append(np.arange(S))
+                seg_q.append(seg_q[-1] + n)
+                seg_k.append(seg_k[-1] + S)
+            self.prefill_rows = cupy.asarray(np.concatenate(rows))
+            self.q_pos, self.key_slots, self.key_pos = (cupy.asarray(np.concatenate(a).astype(np.int32))
+                                                        for a in (q_pos, slots, key_pos))
+            self.seg_q, self.seg_k = cupy.asarray(seg_q, np.int32), cupy.asarray(seg_k, np.int32)

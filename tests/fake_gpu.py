@@ -1,0 +1,130 @@
+"""A GPU stand-in for machines without one: a `cupy` module over NumPy, and the CUDA kernel
+wrappers (cuda_gemm, cuda_elementwise, cuda_attention, cuda_routing) replaced by their NumPy
+references on the same bf16 bits. With it the CUDA backend's own code (cuda_backend.py:
+weights to bf16, the casts before each matmul, the per-step attention metadata, decode and
+prefill rows split between two kernels, negative KV slots, MoE routing; cuda_comm.py: the
+host-staged MPI groups; the runner and the pipeline moving its arrays) runs in CI with real
+MPI jobs. The kernels themselves are checked on a GPU by bench/gpu/check.py.
+
+    import fake_gpu; fake_gpu.install()     # before mpinfer.backend.cuda_backend is imported
+
+As a program: `python tests/fake_gpu.py ARGS...` is `mpinfer ARGS...` with the stand-in.
+"""
+
+import sys
+import types
+
+import numpy as np
+
+
+def bf16_bits(x):
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def f32(bits):
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+
+def _cupy():
+    cp = types.ModuleType("cupy")
+    cp.ndarray = np.ndarray
+    cp.asarray = lambda x, dtype=None: np.array(x, dtype=dtype)  # a copy, as a host-to-device transfer
+    cp.asnumpy = lambda x: np.array(x)
+    for name in ("ascontiguousarray", "zeros", "empty", "empty_like", "full", "arange", "concatenate", "uint16",
+                 "uint32", "float32", "int32", "int64"):
+        setattr(cp, name, getattr(np, name))
+    cp.is_available = lambda: True
+
+    class Device:
+        def __init__(self, i=0):
+            self.id, self.compute_capability = i, "90"
+
+        def use(self):
+            pass
+
+    props = {"pciDomainID": 0, "pciBusID": 0, "pciDeviceID": 0}  # one GPU: ranks share it, as on the test machine
+    cp.cuda = types.SimpleNamespace(Device=Device, runtime=types.SimpleNamespace(
+        getDeviceCount=lambda: 1, getDeviceProperties=lambda i: props))
+    return cp
+
+
+def _kernels():
+    from mpinfer.backend.numpy_backend import NumpyBackend
+
+    ref = NumpyBackend(threads=1)
+    gemm = types.ModuleType("mpinfer.backend.cuda_gemm")
+
+    def gemm_(a, w, bias=None):
+        assert a.dtype == w.dtype == np.uint16 and a.flags.c_contiguous
+        y = f32(a) @ f32(w).T
+        return y + bias if bias is not None else y
+
+    gemm.gemm = gemm_
+
+    ew = types.ModuleType("mpinfer.backend.cuda_elementwise")
+    ew.to_bf16 = lambda x: bf16_bits(x)
+    ew.rmsnorm = lambda x, w, eps: ref.rmsnorm(x, f32(w), eps)
+    ew.rope = lambda x, cos, sin: ref.rope(x, cos, sin)
+    ew.silu_mul = lambda gate, up: ref.silu_mul(np.ascontiguousarray(gate), np.ascontiguousarray(up))
+    ew.embedding = lambda table, ids, offset: ref.embedding(f32(table), ids, offset)
+
+    att = types.ModuleType("mpinfer.backend.cuda_attention")
+
+    def store_kv(pool, slots, x):
+        assert pool.dtype == np.uint16 and slots.dtype == np.int32
+        keep = slots >= 0
+        pool[slots[keep]] = bf16_bits(x[keep])
+
+    def varlen_attention(q, k_pool, v_pool, seg_q, q_pos, seg_k, key_slots, key_pos, window):
+        T, H, Dh = q.shape
+        out, lse = np.full((T, H, Dh), np.nan, np.float32), np.full((T, H), np.nan, np.float32)
+        for s in range(len(seg_q) - 1):
+            rows, keys = slice(seg_q[s], seg_q[s + 1]), slice(seg_k[s], seg_k[s + 1])
+            slots = key_slots[keys]
+            out[rows], lse[rows] = ref.partial_attention(q[rows], f32(k_pool[slots]), f32(v_pool[slots]), q_pos[rows],
+                                                         key_pos[keys], window)
+        return out, lse
+
+    def decode_attention(q, k_pool, v_pool, tables, kv_lens, block_size, window):
+        out = np.full(q.shape, np.nan, np.float32)
+        for b, S in enumerate(kv_lens):
+            pos = np.arange(S)
+            slots = tables[b, pos // block_size] * block_size + pos % block_size
+            out[b] = ref.partial_attention(q[b : b + 1], f32(k_pool[slots]), f32(v_pool[slots]), np.array([S - 1]), pos,
+                                           window)[0][0]
+        return out
+
+    att.store_kv, att.varlen_attention, att.decode_attention = store_kv, varlen_attention, decode_attention
+
+    routing = types.ModuleType("mpinfer.backend.cuda_routing")
+
+    def route(logits, top, norm):
+        experts, weights = ref.route(logits, top, norm)
+        return experts.astype(np.int32), weights
+
+    routing.route = route
+    return {"cuda_gemm": gemm, "cuda_elementwise": ew, "cuda_attention": att, "cuda_routing": routing}
+
+
+def modules():
+    """{sys.modules name: module or None} that puts the stand-in in place (None: forget a
+    module imported before, so that it imports the stand-in)."""
+    return {"cupy": _cupy(), **{f"mpinfer.backend.{k}": m for k, m in _kernels().items()},
+            "mpinfer.backend.cuda_backend": None, "mpinfer.backend.cuda_comm": None}
+
+
+def install():
+    for name, module in modules().items():
+        if module is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = module
+
+
+if __name__ == "__main__":
+    install()
+    from mpinfer.cli import main
+
+    sys.argv[0] = "mpinfer"
+    main()

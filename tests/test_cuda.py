@@ -1,0 +1,161 @@
+"""The CUDA backend's checks that need no GPU: every kernel file compiles to an sm_90 cubin
+through NVRTC (the cubin step runs ptxas, so bad inline PTX fails here), the cubin cache,
+and the backend selection. The kernels' numbers are checked on a GPU by bench/gpu/check.py."""
+
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+
+import pytest
+
+from mpinfer.backend import get_backend, kernels
+from mpinfer.errors import UserError
+
+BIN = os.path.dirname(sys.executable)
+
+# one op per file (issue 7): if a file goes missing the list below says which
+EXPECTED = {"attention_decode", "attention_prefill", "cast", "embedding", "gemm", "gemv", "kv_store", "moe_routing",
+            "rmsnorm", "rope", "sampling", "swiglu"}
+
+
+def test_every_expected_kernel_file_exists():
+    assert EXPECTED <= set(kernels.names())
+
+
+@pytest.mark.parametrize("name", kernels.names())
+def test_kernel_compiles_to_sm90_cubin(name):
+    cubin = kernels.compile_cubin(name, "sm_90")
+    assert cubin[:4] == b"\x7fELF" and len(cubin) > 1000
+    source = (kernels.KERNELS / f"{name}.cu").read_text()
+    assert source.lstrip().startswith(("//", "/*")), f"{name}.cu must open with its manual (a header comment)"
+    assert 'extern "C"' in source
+
+
+def test_bad_inline_ptx_fails_at_the_cubin_step(tmp_path, monkeypatch):
+    (tmp_path / "common.cuh").write_text((kernels.KERNELS / "common.cuh").read_text())
+    (tmp_path / "bad.cu").write_text('#include "common.cuh"\nextern "C" __global__ void k(float* x) {\n'
+                                     '    asm volatile("not.an.instruction.f32 %0;" : "+f"(x[0]));\n}\n')
+    monkeypatch.setattr(kernels, "KERNELS", tmp_path)
+    with pytest.raises(kernels.KernelError, match="bad.cu"):
+        kernels.compile_cubin("bad", "sm_90")
+
+
+def test_cubin_cache_compiles_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPINFER_KERNEL_CACHE", str(tmp_path))
+    calls = []
+    compile_ = kernels.compile_cubin
+    monkeypatch.setattr(kernels, "compile_cubin", lambda *a: calls.append(a) or compile_(*a))
+    first = kernels.cached_cubin("cast", "sm_90")
+    again = kernels.cached_cubin("cast", "sm_90")
+    assert first == again and first.parent == tmp_path and len(calls) == 1
+    assert first.read_bytes()[:4] == b"\x7fELF"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def _fake_cupy(monkeypatch, available):
+    fake = types.ModuleType("cupy")
+    fake.is_available = lambda: available
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+
+
+def test_auto_is_numpy_without_a_gpu(monkeypatch):
+    _fake_cupy(monkeypatch, available=False)
+    assert get_backend("auto").name == "numpy"
+    assert get_backend("numpy").name == "numpy"
+
+
+def test_cuda_without_a_gpu_says_why(monkeypatch):
+    _fake_cupy(monkeypatch, available=False)
+    with pytest.raises(UserError, match=r"engine.backend = 'cuda': no usable GPU \(cupy.is_available\(\) is False"):
+        get_backend("cuda")
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
+    with pytest.raises(UserError, match="CuPy is not installed"):
+        get_backend("cuda")
+    assert get_backend("auto").name == "numpy"
+
+
+def test_unknown_backend():
+    with pytest.raises(UserError, match="unknown backend 'rocm'"):
+        get_backend("rocm")
+
+
+# The CUDA backend's own code with the GPU replaced by tests/fake_gpu.py (cupy over NumPy,
+# each kernel wrapper by its NumPy reference on the same bf16 bits).
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    sys.path.insert(0, os.path.dirname(__file__))
+    import fake_gpu as fake
+
+    for name, module in fake.modules().items():
+        if module is None:
+            monkeypatch.delitem(sys.modules, name, raising=False)
+        else:
+            monkeypatch.setitem(sys.modules, name, module)
+    yield fake
+    sys.path.remove(os.path.dirname(__file__))
+
+
+@pytest.mark.parametrize("arch", ["llama_bias", "qwen3", "mistral", "mixtral"])
+def test_cuda_backend_code_against_numpy(fake_gpu, tiny_model, arch):
+    """8 prompts batched (prefill segments of 3 to 70 tokens, then batched decode), 8 greedy
+    tokens against the NumPy backend on the same float32 checkpoint: every token that differs
+    does so where NumPy's top two logits are closer than the backends' logits differ."""
+    sys.path.insert(0, str(kernels.KERNELS.parent / "bench" / "gpu"))
+    try:
+        import e2e
+    finally:
+        sys.path.pop(0)
+    from mpinfer.backend.cuda_backend import CudaBackend
+
+    r = e2e.compare(tiny_model(arch), "cuda", new=8, lens=[5, 17, 64, 3, 33, 70, 9, 40])
+    assert r["prefill_logits_rel_err"] < 5e-2  # bf16 weights and matmul inputs against float32 ones (tiny models: 2%)
+    assert r["ok"], r["prompts"]  # after a first difference the rest of a prompt's tokens may differ
+    be = get_backend("cuda")
+    assert isinstance(be, CudaBackend) and be.kv_bytes == 2
+
+
+def _fake_job(ranks, job, **env):
+    cmd = [os.path.join(BIN, "mpiexec"), "-n", str(ranks), sys.executable, os.path.join(os.path.dirname(__file__),
+                                                                                           "fake_gpu.py"), "run", str(job)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+
+
+@pytest.mark.parametrize("arch, layouts", [("llama", [(2, {"tp": 2}), (2, {"pp": 2}), (4, {"tp": 2, "pp": 2})]),
+                                           ("mixtral", [(2, {"tp": 2, "ep": 2})])])
+def test_cuda_backend_jobs_under_mpi(fake_gpu, tiny_model, tmp_path, arch, layouts):
+    """mpinfer run with engine.backend = "cuda" (the stand-in GPU, one for all ranks, so TP
+    groups are host-staged MPI as on the one-GPU test machine), max_batch_tokens 64 so that
+    prefill chunks and decode steps share steps. Every layout gives one rank's rows up to
+    bf16 rounding: matmul inputs are rounded to bf16, so a 1e-7 change in a sum (the TP
+    all-reduce adds in another order) can move an activation by one bf16 step. Hence each
+    request's tokens equal one rank's up to a first difference, only where one rank's top
+    two log-probabilities are within 0.3 (the tiny models' bf16 noise on logits), and the
+    log-probabilities before it agree within 0.1."""
+    from test_run import read_rows, write_job
+
+    lines = [{"id": f"r{i}", "input_ids": list(range(3 + i, 3 + i + n))} for i, n in enumerate([5, 40, 90, 7, 12, 130])]
+    outputs = []
+    for ranks, parallel in [(1, {}), *layouts]:
+        job, out = write_job(tmp_path / f"{ranks}-{len(outputs)}", tiny_model(arch), lines, engine={"backend": "cuda"},
+                             parallel=parallel, sampling={"logprobs": 2})
+        p = _fake_job(ranks, job)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        rows = read_rows(out)
+        outputs.append({rows["id"][i]: (np.array(rows["output_ids"][i]), np.array(rows["top_logprobs"][i]).reshape(-1, 2))
+                        for i in range(len(rows["id"]))})
+    assert len(outputs[0]) == len(lines)
+    equal = 0
+    for got in outputs[1:]:
+        for rid, (ids, top) in outputs[0].items():
+            other_ids, other_top = got[rid]
+            differ = np.flatnonzero(ids != other_ids)
+            p = differ[0] if len(differ) else len(ids)
+            equal += not len(differ)
+            assert np.allclose(top[:p], other_top[:p], atol=0.1), (rid, top[:p], other_top[:p])
+            if len(differ):
+                assert top[p, 0] - top[p, 1] < 0.3, (rid, p, top[p])
+    assert equal >= len(lines) * len(layouts) // 2  # most requests are identical all the way
