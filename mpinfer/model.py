@@ -12,6 +12,7 @@ chunks and decode steps of different requests share every matmul; only attention
 each sequence's own cache (engine/scheduler.py drives it).
 """
 
+import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -58,6 +59,8 @@ class Decoder:
         self.be = be
         self.tp = tp = TP(be.group(tp_group), sp)  # on GPUs: NCCL inside a node, else host-staged MPI
         ep = ep or EP(slices=tp.size, slice=tp.rank)
+        if ep.group is not None:  # EP across replicas: all-to-all of the backend's arrays
+            ep = dataclasses.replace(ep, group=be.group(ep.group))
         check_tp(cfg, tp.size)
         check_ep(cfg, ep.size, ep.slices)
         self.layers = layers or (0, cfg.num_layers)

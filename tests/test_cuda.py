@@ -125,7 +125,7 @@ def _fake_job(ranks, job, **env):
 
 
 @pytest.mark.parametrize("arch, layouts", [("llama", [(2, {"tp": 2}), (2, {"pp": 2}), (4, {"tp": 2, "pp": 2})]),
-                                           ("mixtral", [(2, {"tp": 2, "ep": 2})])])
+                                           ("mixtral", [(2, {"tp": 2, "ep": 2}), (4, {"tp": 2, "ep": 4})])])
 def test_cuda_backend_jobs_under_mpi(fake_gpu, tiny_model, tmp_path, arch, layouts):
     """mpinfer run with engine.backend = "cuda" (the stand-in GPU, one for all ranks, so TP
     groups are host-staged MPI as on the one-GPU test machine), max_batch_tokens 64 so that

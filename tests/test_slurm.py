@@ -1,12 +1,14 @@
-"""slurm/single-node.sbatch submitted with sbatch to a private single-node SLURM
-(slurm/private-cluster.sh): results equal to one rank's, and SLURM's warning signal stops
-the job resumably."""
+"""The slurm/ scripts submitted with sbatch to a private single-node SLURM
+(slurm/private-cluster.sh), MPINFER_RANKS_PER_NODE standing in for nodes: results equal to
+one rank's for one node, TP inside nodes x PP across them, and MoE experts across nodes;
+SLURM's warning signal stops a job resumably, and MPINFER_REQUEUE requeues it."""
 
 import os
 import re
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +18,8 @@ from test_run import BIN, assert_complete, mpinfer, prompt_lines, rows_by_id, wr
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER = os.path.join(ROOT, "slurm", "private-cluster.sh")
 SCRIPT = os.path.join(ROOT, "slurm", "single-node.sbatch")
+MULTI_NODE = os.path.join(ROOT, "slurm", "multi-node.sbatch")
+MOE_EP = os.path.join(ROOT, "slurm", "moe-ep.sbatch")
 SBIN = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"  # the daemons
 MISSING = [b for b in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel")
            if shutil.which(b, path=SBIN) is None]
@@ -105,3 +109,63 @@ def test_warning_signal_stops_resumably(slurm, tiny_model, tmp_path):
     assert job_state(slurm, job_id) == ("COMPLETED", 0), logs
     assert_complete(out, 60)
     assert rows_by_id(out) == reference
+
+
+@pytest.mark.parametrize("arch, script, layout", [
+    ("llama", MULTI_NODE, ["--set", "parallel.tp=2", "--set", "parallel.pp=2"]),  # tp in a "node", pp across
+    ("mixtral", MOE_EP, ["--set", "parallel.ep=4"]),  # 4 replicas, their experts over 2 "nodes"
+])
+def test_multi_node_scripts_equal_one_rank(slurm, tiny_model, tmp_path, arch, script, layout):
+    model = tiny_model(arch)
+    lines = prompt_lines(8)
+    ref_job, ref_out = write_job(tmp_path / "ref", model, lines)
+    done = mpinfer(1, "run", ref_job)
+    assert done.returncode == 0, done.stderr
+    job, out = write_job(tmp_path / "slurm", model, lines)
+    waited = subprocess.run(["sbatch", "--wait", "-n", "4", script, job, *layout], cwd=ROOT,
+                            env={**slurm, "MPINFER_RANKS_PER_NODE": "2"}, capture_output=True, text=True, timeout=180)
+    logs = "".join(p.read_text() for p in Path(ROOT).glob(f"slurm-{waited.stdout.split()[-1]}.out"))
+    assert waited.returncode == 0, waited.stderr + logs
+    assert "2 nodes" in logs or "node" in logs, logs
+    assert_complete(out, 8)
+    assert rows_by_id(out) == rows_by_id(ref_out)
+
+
+def test_requeue_after_the_warning_signal(slurm, tiny_model, tmp_path):
+    """MPINFER_REQUEUE=1: the stopped job (exit 75) requeues itself; once eligible again it
+    continues the results file to the uninterrupted run's rows."""
+    model = tiny_model("llama")
+    settings = dict(sampling={"max_new_tokens": 60}, engine={"max_batch_tokens": 16, "max_seqs": 1, "flush_seconds": 0.05})
+    ref_job, ref_out = write_job(tmp_path / "ref", model, prompt_lines(30, seed=3), **settings)
+    job, out = write_job(tmp_path / "slurm", model, prompt_lines(30, seed=3), **settings)
+    done = mpinfer(1, "run", ref_job)
+    assert done.returncode == 0, done.stderr
+    env = {**slurm, "MPINFER_REQUEUE": "1"}
+    job_id = submit(env, tmp_path, "-n", "2", SCRIPT, job)
+    deadline = time.time() + 120
+    while not (out.exists() and _rows(out) >= 2) and time.time() < deadline:
+        time.sleep(0.02)
+    subprocess.run(["scancel", "--signal=USR1", job_id], env=env, check=True, timeout=10)
+    while "Restarts=1" not in _show(env, job_id) and time.time() < deadline:
+        time.sleep(0.1)
+    kept = _rows(out)
+    assert "Restarts=1" in _show(env, job_id) and 2 <= kept < 30, (kept, _show(env, job_id))
+    # SLURM holds a requeued job for a while (BeginTime); a test need not wait for it
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True, timeout=10)
+    while job_state(env, job_id)[0] != "COMPLETED" and time.time() < deadline + 120:
+        time.sleep(0.2)
+    logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert job_state(env, job_id) == ("COMPLETED", 0), logs  # (the restart rewrote slurm-ID.out)
+    assert_complete(out, 30)
+    assert rows_by_id(out) == rows_by_id(ref_out)
+
+
+def _show(env, job_id):
+    return subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+
+
+def _rows(path):
+    try:
+        return len(read_rows(path)["id"])
+    except OSError:  # being replaced right now
+        return 0

@@ -12,7 +12,6 @@ interval of work:
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 import signal
@@ -24,6 +23,7 @@ from mpi4py import MPI
 from .. import __version__, context
 from ..backend import get_backend
 from ..errors import EXIT_BAD_INPUT, EXIT_OK, UserError
+from ..io.fingerprint import fingerprint
 from ..io.prompts import read_prompts
 from ..io.results import ResultsFile, lock
 from ..job import load_job
@@ -92,10 +92,9 @@ def run_job(job_file, overrides, skip_invalid=False, overwrite=False, comm=MPI.C
         tokenizer = setup["tokenizer"] if comm.rank == 0 else load_tokenizer(job.model_path, ckpt)
         # each rank reads only its slices: its TP part of its pipeline stage's layers
         be, ep = get_backend(eng.backend, comm), EP.of(topo, job.moe.capacity_factor)
-        if be.name == "cuda" and (ep.group is not None or job.parallel.cp > 1):
-            raise UserError(f"{job.path}: engine.backend = 'cuda' does not run context parallelism or expert "
-                            "parallelism across replicas yet; use engine.backend = 'numpy' for parallel.cp > 1 or "
-                            "an ep larger than tp")
+        if be.name == "cuda" and job.parallel.cp > 1:
+            raise UserError(f"{job.path}: engine.backend = 'cuda' does not run context parallelism yet; use "
+                            "engine.backend = 'numpy' for parallel.cp > 1")
         model = Decoder(ckpt, be, topo.tp, m.layer_range(ckpt.config.num_layers), ep, job.parallel.cp_method,
                         job.parallel.sp)
     except UserError as e:  # e.g. a weight file truncated after its header
@@ -218,13 +217,13 @@ def _prepare(job, topo, skip_invalid, overwrite):
     tokenizer = load_tokenizer(job.model_path, ckpt)
     requests = read_prompts(job.input_path, tokenizer, job.sampling, cfg.max_position, cfg.vocab_size, skip_invalid)
     _check_kv_capacity(job, cfg, requests)
-    fingerprint = {"model": _model_identity(job.model_path, cfg), "prompts": _sha256(job.input_path),
-                   "sampling": dataclasses.asdict(job.sampling)}
+    if job.shard:  # a job array task: its share of the lines, after every line was checked
+        requests = [r for r in requests if job.shard.takes(r.index)]
     layout = {"world": m.world, "dp": m.dp, "tp": m.tp, "pp": m.pp, "ep": m.ep, "cp": m.cp,
               "ranks_per_node": m.ranks_per_node, "blas_threads_per_rank": int(os.environ["OPENBLAS_NUM_THREADS"])}
     attrs = {"mpinfer_version": __version__, "job": job.toml(), "layout": json.dumps(layout), "model": cfg.to_json()}
     lock(job.output_path)  # released when this process ends
-    results = ResultsFile(job.output_path, fingerprint, attrs, overwrite)
+    results = ResultsFile(job.output_path, fingerprint(job, cfg), attrs, overwrite)
     todo = [r for r in requests if r.index not in results.done]
     hot = None
     if job.moe.hot_experts:
@@ -262,18 +261,3 @@ def _check_kv_capacity(job, cfg, requests):
             raise UserError(f"{job.path}: engine.kv_cache_gb = {e.kv_cache_gb} holds {capacity} tokens per replica, "
                             f"but request {r.id!r} (line {r.index + 1}) may need {need}; raise engine.kv_cache_gb")
 
-
-def _model_identity(path, cfg):
-    """What makes two models the same for resuming: the config and the files' names and sizes
-    (hashing tens of GB of weights at every start would cost minutes)."""
-    files = [path] if os.path.isfile(path) else sorted(os.path.join(path, f) for f in os.listdir(path))
-    return {"config": json.loads(cfg.to_json()),
-            "files": [[os.path.basename(f), os.path.getsize(f)] for f in files if os.path.isfile(f)]}
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
