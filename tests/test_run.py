@@ -184,6 +184,45 @@ def test_kill9_then_resume(model, slow_job, tmp_path, victim):
     assert_kept_then_resumed(job, out, reference)
 
 
+def test_random_kill9_several_times(model, slow_job, tmp_path):
+    """SIGKILL to a random rank at a random moment (from start-up to the middle of the job),
+    five times in a row on the same job, each time resuming it (2 ranks, then tp 2 x pp 2 on
+    4): the file stays readable, every kept row is the uninterrupted run's, no id twice, and
+    the last run completes it to exactly the reference."""
+    settings, reference = slow_job
+    job, out = write_job(tmp_path, model, prompt_lines(80, seed=7), **settings)
+    rng = np.random.default_rng(11)
+    kept = 0
+    for round_ in range(5):
+        ranks, sets = (2, ()) if round_ % 2 == 0 else (4, ("parallel.tp=2", "parallel.pp=2"))
+        cmd = [os.path.join(BIN, "mpiexec"), "-n", str(ranks), os.path.join(BIN, "mpinfer"), "run", str(job)]
+        proc = subprocess.Popen(cmd + [x for s in sets for x in ("--set", s)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while len(rank_pids(job)) < ranks and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 3.0))  # start-up, loading, or generating
+        pids = rank_pids(job)
+        victim = int(rng.integers(ranks))
+        if victim in pids:
+            os.kill(pids[victim], signal.SIGKILL)
+        proc.communicate(timeout=60)
+        if out.exists():
+            rows = read_rows(out)
+            assert len(set(rows["id"])) == len(rows["id"])
+            now = rows_by_id(out)
+            assert all(reference[i] == row for i, row in now.items())
+            assert len(now) >= kept
+            kept = len(now)
+    assert kept < 80  # the kills did interrupt it
+    done = mpinfer(2, "run", job)
+    assert done.returncode == 0, done.stderr
+    assert_complete(out, 80)
+    rows = read_rows(out)
+    assert len(rows["id"]) == len(set(rows["id"])) == 80
+    assert rows_by_id(out) == reference
+
+
 @pytest.mark.parametrize("ranks, sets", [(2, ()), (4, ("parallel.tp=2", "parallel.pp=2"))])
 def test_sigterm_stops_resumably(model, slow_job, tmp_path, ranks, sets):
     """SLURM's time limit: SIGTERM to every rank; exit code 75, nothing lost, rerun completes
