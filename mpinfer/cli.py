@@ -113,6 +113,20 @@ class _OneLineUsage(click.Command):
 
 
 @main.command(cls=_OneLineUsage)
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--shards", required=True, type=click.IntRange(1), metavar="N",
+              help="The job's number of array tasks (input.shard = I/N).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a job file key, as the tasks did (repeatable).")
+def merge(job_file, shards, overrides):
+    """Join a job array's shard files into the job's results file."""
+    from .io.merge import merge as merge_shards
+
+    path, rows = merge_shards(job_file, overrides, shards)
+    click.echo(f"mpinfer: wrote {path}: {rows} requests from {shards} shard files")
+
+
+@main.command(cls=_OneLineUsage)
 @click.option("--model", metavar="NAME|FOLDER|GGUF", help="A preset (llama3-8b, llama3-70b, llama3-405b, mixtral-8x7b, "
               "mixtral-8x22b, deepseek-v3-sized), a Hugging Face folder or a .gguf file.")
 @click.option("--nodes", type=int, default=1, show_default=True)

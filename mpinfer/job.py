@@ -10,6 +10,7 @@ TOML value (7, 0.5, ["\\n"], "x") and, when it is not one, as a plain string, so
 import dataclasses
 import json
 import os
+import re
 import tomllib
 
 from .params import SamplingParams, checked, show
@@ -50,6 +51,29 @@ class Moe:
                          # "" = a routing pass over the job's first ROUTING_PROMPTS prompts
 
 
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """Task `index` of `count` of a job split over a job array (input.shard = "index/count").
+    It runs the prompt lines whose 0-based number % count == index (round robin, so a file
+    sorted by length or source still gives every task the same mix of work) and writes its
+    own results file next to the job's output; `mpinfer merge` joins the files."""
+    index: int
+    count: int
+    job_output: str  # the job's [output] path (absolute), where the merge writes
+
+    @property
+    def path(self):
+        """This shard's results file: results.h5 -> results.shard-0-of-4.h5."""
+        stem, ext = os.path.splitext(self.job_output)
+        return f"{stem}.shard-{self.index}-of-{self.count}{ext}"
+
+    def takes(self, index):
+        return index % self.count == self.index
+
+    def __str__(self):
+        return f"{self.index}/{self.count}"
+
+
 # key: (type, test, what the test asks), as in sampling.py
 _AT_LEAST_1 = (int, lambda v: v >= 1, "must be >= 1")
 _PARALLEL_RULES = {"tp": _AT_LEAST_1, "pp": _AT_LEAST_1, "ep": _AT_LEAST_1, "cp": _AT_LEAST_1,
@@ -73,7 +97,7 @@ _MOE_RULES = {
 _PATH_RULE = (str, lambda v: v != "", "must not be empty")
 SECTIONS = {
     "model": ("path",),
-    "input": ("path",),
+    "input": ("path", "shard"),
     "output": ("path",),
     "sampling": tuple(f.name for f in dataclasses.fields(SamplingParams)),
     "parallel": tuple(_PARALLEL_RULES),
@@ -87,18 +111,19 @@ class Job:
     path: str  # the job file, as given
     model_path: str  # absolute
     input_path: str  # absolute
-    output_path: str  # absolute
+    output_path: str  # absolute: the results file this run writes ([output] path, or its shard's file)
     sampling: SamplingParams
     parallel: Parallel
     engine: Engine
     moe: Moe
+    shard: Shard | None = None  # a job array task: its share of the prompt lines
 
     def toml(self):
         """The effective job as TOML: every section and key, absolute paths."""
         sections = {
             "model": {"path": self.model_path},
-            "input": {"path": self.input_path},
-            "output": {"path": self.output_path},
+            "input": {"path": self.input_path, "shard": str(self.shard or "")},
+            "output": {"path": self.shard.job_output if self.shard else self.output_path},
             "sampling": dataclasses.asdict(self.sampling),
             "parallel": dataclasses.asdict(self.parallel),
             "engine": dataclasses.asdict(self.engine),
@@ -153,7 +178,24 @@ def load_job(path, overrides=()):
         if not os.path.isfile(load_from):
             raise UserError(f"{where}moe.load_from: {load_from} does not exist")
         moe = dataclasses.replace(moe, load_from=load_from)
-    return Job(path, model_path, input_path, output_path, sampling, parallel, engine, moe)
+    shard = _shard(given, output_path)
+    return Job(path, model_path, input_path, shard.path if shard else output_path, sampling, parallel, engine, moe,
+               shard)
+
+
+def _shard(given, output_path):
+    """The Shard of input.shard = "I/N" (0 <= I < N), or None for "" or no key."""
+    if ("input", "shard") not in given:
+        return None
+    text = _checked(given, "input", "shard", str, lambda v: True, "")
+    if text == "":
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not int(match[1]) < int(match[2]):
+        where = given["input", "shard"][1]
+        raise UserError(f'{where}input.shard: expected "I/N", task I of N counted from 0 (0 <= I < N, e.g. "0/4"), '
+                        f"got {show(text)}")
+    return Shard(int(match[1]), int(match[2]), output_path)
 
 
 def _given(path, overrides):
