@@ -19,6 +19,7 @@ from .errors import UserError
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 FAMILY = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}  # the dense model an MoE extends
 ROPE_TYPES = ("default", "linear", "llama3")
+_MAX = 2**31  # sizes and counts stay below: a corrupted header must not ask for a huge allocation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +82,16 @@ def load_hf_config(folder):
         return _hf_config(raw, path)
     except KeyError as e:
         raise UserError(f"{path}: missing key {e}") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise UserError(f"{path}: invalid value ({e})") from None
+
+
+def _count(path, key, value, least=1):
+    """A size or count of the model (int() of it) from `least` to 2**31 - 1, else a UserError naming the key."""
+    n = int(value)
+    if not least <= n < _MAX:
+        raise UserError(f"{path}: {key} = {n} is out of range (expected {least} to 2**31 - 1)")
+    return n
 
 
 def _hf_config(raw, path):
@@ -93,12 +102,12 @@ def _hf_config(raw, path):
     def need(key):
         if raw.get(key) is None:
             raise KeyError(key)
-        return raw[key]
+        return _count(path, key, raw[key])
 
-    hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
-    layers = int(need("num_hidden_layers"))
-    kv_heads = int(raw.get("num_key_value_heads") or heads)
-    head_dim = int(raw.get("head_dim") or hidden // heads)
+    hidden, heads = need("hidden_size"), need("num_attention_heads")
+    layers = need("num_hidden_layers")
+    kv_heads = _count(path, "num_key_value_heads", raw.get("num_key_value_heads") or heads)
+    head_dim = _count(path, "head_dim", raw.get("head_dim") or hidden // heads)
     if heads % kv_heads:
         raise UserError(f"{path}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
     attention_bias = bool(raw.get("attention_bias", False))
@@ -106,16 +115,16 @@ def _hf_config(raw, path):
     family = FAMILY.get(arch, arch)
     return ModelConfig(
         arch=arch,
-        vocab_size=int(need("vocab_size")),
+        vocab_size=need("vocab_size"),
         hidden_size=hidden,
-        intermediate_size=int(need("intermediate_size")),
+        intermediate_size=need("intermediate_size"),
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         rms_eps=float(raw.get("rms_norm_eps", 1e-6)),
         rope=_hf_rope(raw, path),
-        max_position=int(raw.get("max_position_embeddings", 4096)),
+        max_position=_count(path, "max_position_embeddings", raw.get("max_position_embeddings", 4096)),
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2" or attention_bias,
         o_bias=family != "qwen2" and attention_bias,
@@ -124,22 +133,27 @@ def _hf_config(raw, path):
         sliding_windows=_hf_windows(raw, family, layers),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
-        **_hf_moe(raw, arch, layers),
+        **_hf_moe(raw, arch, layers, path),
     )
 
 
-def _hf_moe(raw, arch, layers):
+def _hf_moe(raw, arch, layers, path):
     """The MoE fields of ModelConfig, as each architecture's transformers class reads them."""
+    def count(key, least=1):
+        return _count(path, key, raw[key], least)
+
     if arch == "mixtral":
-        return dict(num_experts=int(raw["num_local_experts"]), experts_per_token=int(raw["num_experts_per_tok"]),
-                    expert_size=int(raw["intermediate_size"]), norm_topk_prob=True, moe_layers=(True,) * layers)
+        return dict(num_experts=count("num_local_experts"), experts_per_token=count("num_experts_per_tok"),
+                    expert_size=count("intermediate_size"), norm_topk_prob=True, moe_layers=(True,) * layers)
     if arch in ("qwen2_moe", "qwen3_moe"):
         # real checkpoints say num_experts; transformers 5 writes num_local_experts for Qwen3-MoE
-        experts = int(raw["num_experts"] if "num_experts" in raw else raw["num_local_experts"])
-        step, dense = int(raw.get("decoder_sparse_step", 1)), raw.get("mlp_only_layers") or []
-        return dict(num_experts=experts, experts_per_token=int(raw["num_experts_per_tok"]),
-                    expert_size=int(raw["moe_intermediate_size"]), norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
-                    shared_expert_size=int(raw.get("shared_expert_intermediate_size") or 0) if arch == "qwen2_moe" else 0,
+        experts = count("num_experts" if "num_experts" in raw else "num_local_experts", 0)
+        step = _count(path, "decoder_sparse_step", raw.get("decoder_sparse_step", 1))
+        dense = raw.get("mlp_only_layers") or []
+        shared = _count(path, "shared_expert_intermediate_size", raw.get("shared_expert_intermediate_size") or 0, 0)
+        return dict(num_experts=experts, experts_per_token=count("num_experts_per_tok"),
+                    expert_size=count("moe_intermediate_size"), norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+                    shared_expert_size=shared if arch == "qwen2_moe" else 0,
                     moe_layers=tuple(i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(layers)))
     return {}
 
@@ -196,18 +210,24 @@ def gguf_config(meta, path, tie_embeddings, has_rope_freqs):
         return _gguf_config(meta, path, tie_embeddings, has_rope_freqs)
     except KeyError as e:
         raise UserError(f"{path}: missing GGUF metadata key {e}") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise UserError(f"{path}: invalid GGUF metadata value ({e})") from None
 
 
 def _gguf_config(meta, path, tie_embeddings, has_rope_freqs):
-    def need(key):
-        return meta[f"llama.{key}"]
+    def need(key, least=1):
+        return _count(path, f"llama.{key}", meta[f"llama.{key}"], least)
 
-    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
-    kv_heads = int(meta.get("llama.attention.head_count_kv", heads))
-    head_dim = int(meta.get("llama.rope.dimension_count", hidden // heads))
-    layers = int(need("block_count"))
+    def get(key, default, least=1):
+        return _count(path, f"llama.{key}", meta.get(f"llama.{key}", default), least)
+
+    hidden, heads = need("embedding_length"), need("attention.head_count")
+    kv_heads = get("attention.head_count_kv", heads)
+    if heads % kv_heads:
+        raise UserError(f"{path}: llama.attention.head_count {heads} is not a multiple of "
+                        f"llama.attention.head_count_kv {kv_heads}")
+    head_dim = get("rope.dimension_count", hidden // heads)
+    layers = need("block_count")
     theta = float(meta.get("llama.rope.freq_base", 10000.0))
     scaling = meta.get("llama.rope.scaling.type", "none")
     if has_rope_freqs:
@@ -219,27 +239,27 @@ def _gguf_config(meta, path, tie_embeddings, has_rope_freqs):
     else:
         raise UserError(f"{path}: unsupported RoPE scaling type {scaling!r} in GGUF metadata")
     tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = int(meta.get("llama.vocab_size", len(tokens) if tokens is not None else 0))
-    if vocab <= 0:
+    vocab = get("vocab_size", len(tokens) if isinstance(tokens, list) else 0, 0)
+    if vocab == 0:
         raise UserError(f"{path}: GGUF metadata gives no vocabulary size")
     eos = meta.get("tokenizer.ggml.eos_token_id")
-    experts = int(meta.get("llama.expert_count", 0))
+    experts = get("expert_count", 0, 0)
     # Mixtral: each expert has the MLP's size; the chosen experts' probabilities renormalised
-    moe = dict(num_experts=experts, experts_per_token=int(need("expert_used_count")),
-               expert_size=int(need("feed_forward_length")), norm_topk_prob=True,
+    moe = dict(num_experts=experts, experts_per_token=need("expert_used_count"),
+               expert_size=need("feed_forward_length"), norm_topk_prob=True,
                moe_layers=(True,) * layers) if experts else {}
     return ModelConfig(
         arch="mixtral" if experts else "llama",
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=int(need("feed_forward_length")),
+        intermediate_size=need("feed_forward_length"),
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         rms_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
         rope=rope,
-        max_position=int(meta.get("llama.context_length", 4096)),
+        max_position=get("context_length", 4096),
         tie_embeddings=tie_embeddings,
         sliding_windows=(0,) * layers,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),

@@ -79,9 +79,9 @@ class GGUFCheckpoint(Checkpoint):
             # The reader maps every tensor's bytes (checking that each lies inside the file)
             # and raises ValueError, KeyError, IndexError... on malformed or missing bytes.
             reader = _Reader(path)
+            self.meta = {name: field.contents() for name, field in reader.fields.items()}  # decodes strings
         except Exception as e:
             raise UserError(f"{path}: not a valid GGUF file, truncated or corrupted ({one_line(e)})") from None
-        self.meta = {name: field.contents() for name, field in reader.fields.items()}
         names = {t.name for t in reader.tensors}
         self.config = gguf_config(self.meta, path, "output.weight" not in names, "rope_freqs.weight" in names)
         self._tensors = {}  # HF name -> (GGUF tensor, expert index into it when stacked, else None)
@@ -123,7 +123,11 @@ class GGUFCheckpoint(Checkpoint):
         except NotImplementedError:
             raise UserError(f"{self.path}: tensor {name!r} has type {t.tensor_type.name}, which cannot be dequantized") from None
         if name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
-            array = _unpermute(array, self.config.head_dim)
+            head_dim = self.config.head_dim
+            if head_dim % 2 or len(array) % head_dim:
+                raise UserError(f"{self.path}: tensor {name!r} has {len(array)} rows, not whole heads of an even "
+                                f"llama.rope.dimension_count {head_dim}")
+            array = _unpermute(array, head_dim)
         return array
 
 

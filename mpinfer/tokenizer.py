@@ -123,8 +123,16 @@ def gguf_tokenizer(meta, path):
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise UserError(f"{path}: unsupported GGUF tokenizer {kind!r} (supported: gpt2, byte-level BPE)")
-    tokens = meta["tokenizer.ggml.tokens"]
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens or ())
+    merges = meta.get("tokenizer.ggml.merges", [])
+    for key, value, kind in (("tokens", tokens, str), ("token_type", types, int), ("merges", merges, str)):
+        if not (isinstance(value, list) and all(type(v) is kind for v in value)):
+            raise UserError(f"{path}: tokenizer.ggml.{key}: expected a list of {kind.__name__}, got {type(value).__name__}")
+    if len(types) != len(tokens):
+        raise UserError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+    ids = {key: meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "unknown", "padding")}
+    ids = {key: i if type(i) is int and 0 <= i < len(tokens) else None for key, i in ids.items()}  # else absent
     # GGUF spells byte-level tokens in GPT-2's printable byte alphabet already; a token with
     # any other character is respelled byte by byte into it, as transformers does.
     spelling = _bytes_to_unicode()
@@ -132,9 +140,12 @@ def gguf_tokenizer(meta, path):
     vocab = {
         (t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i for i, t in enumerate(tokens)
     }
-    merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", [])]
+    merges = [tuple(m.split(" ")) for m in merges]
+    bad = next((" ".join(m) for m in merges if len(m) != 2), None)
+    if bad is not None:
+        raise UserError(f"{path}: tokenizer.ggml.merges: {bad!r} is not two tokens separated by a space")
     backend = HFTokenizer(models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
-    split = _GGUF_SPLITS.get(meta.get("tokenizer.ggml.pre"))
+    split = _GGUF_SPLITS.get(str(meta.get("tokenizer.ggml.pre")))
     if split is None:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
@@ -148,18 +159,19 @@ def gguf_tokenizer(meta, path):
         [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types) if k == _CONTROL and set(t) <= alphabet]
     )
     backend.add_tokens([AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types) if k == _USER_DEFINED])
-    if meta.get("tokenizer.ggml.add_bos_token") and meta.get("tokenizer.ggml.bos_token_id") is not None:
+    if meta.get("tokenizer.ggml.add_bos_token") and ids["bos"] is not None:
         from tokenizers.processors import TemplateProcessing
 
-        bos = tokens[meta["tokenizer.ggml.bos_token_id"]]
+        bos = tokens[ids["bos"]]
         backend.post_processor = TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])]
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ids["bos"])]
         )
-    special = {}
-    for key, id_key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
-        token_id = meta.get(f"tokenizer.ggml.{id_key}_token_id")
-        special[key] = tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
-    return Tokenizer(backend, meta.get("tokenizer.chat_template"), special, path)
+    special = {f"{name}_token": None if ids[key] is None else tokens[ids[key]]
+               for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
+    template = meta.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise UserError(f"{path}: tokenizer.chat_template: expected a string, got {type(template).__name__}")
+    return Tokenizer(backend, template, special, path)
 
 
 def _bytes_to_unicode():

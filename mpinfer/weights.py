@@ -69,6 +69,8 @@ class SafetensorsCheckpoint(Checkpoint):
                     weight_map = json.load(f)["weight_map"]
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise UserError(f"{index}: not a valid safetensors index ({e})") from None
+            if not (isinstance(weight_map, dict) and all(isinstance(file, str) for file in weight_map.values())):
+                raise UserError(f"{index}: weight_map: expected an object of tensor name -> file name")
             self._file = {name: os.path.join(folder, file) for name, file in weight_map.items()}
         else:
             files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
@@ -117,18 +119,25 @@ class _SafetensorsFile:
 
     def __init__(self, path, handle):
         self.path, self.handle = path, handle
+        self._keys = handle.keys()  # in the file's order, the same on every rank
+        self._names = set(self._keys)
         self._bf16 = None
 
     def keys(self):
-        return self.handle.keys()
+        return self._keys
 
     def shape(self, name):
+        if name not in self._names:  # the index said it is here
+            raise UserError(f"{self.path}: tensor {name!r} is missing (model.safetensors.index.json places it here)")
         return self.handle.get_slice(name).get_shape()
 
     def read(self, name, rows):
         """(float32 array, bytes read from the file)."""
         part = self.handle.get_slice(name)
-        if part.get_dtype() == "BF16":
+        dtype = part.get_dtype()
+        if dtype not in ("F32", "F16", "BF16"):  # an integer or 8-bit tensor is not a weight we can read
+            raise UserError(f"{self.path}: tensor {name!r} has dtype {dtype} (supported: F32, F16, BF16)")
+        if dtype == "BF16":
             array = self._read_bf16(name, rows)
             return array, array.nbytes // 2
         array = part[rows] if rows is not None else self.handle.get_tensor(name)

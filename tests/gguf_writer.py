@@ -85,8 +85,27 @@ def gguf_tensors(folder, cfg, stacked=True):
     return out
 
 
-def write_gguf(folder, path, qtype=F32, stacked=True, replace=None):
-    """replace: {GGUF name: array} written instead of (or besides) the converted tensors."""
+def add_vocab(w, folder):
+    """The folder's byte-level BPE (tokenizer.json) and chat template as llama.cpp's converter
+    writes a "gpt2" vocabulary: tokens in id order, special tokens as control tokens."""
+    spec = json.load(open(os.path.join(folder, "tokenizer.json")))
+    vocab = spec["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    special = {t["content"] for t in spec["added_tokens"] if t["special"]}
+    config = json.load(open(os.path.join(folder, "tokenizer_config.json")))
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    w.add_bos_token_id(vocab[config["bos_token"]])
+    w.add_eos_token_id(vocab[config["eos_token"]])
+    template = os.path.join(folder, "chat_template.jinja")
+    w.add_chat_template(config.get("chat_template") or open(template).read())
+
+
+def write_gguf(folder, path, qtype=F32, stacked=True, replace=None, vocab=False):
+    """replace: {GGUF name: array} written instead of (or besides) the converted tensors;
+    vocab: also write the folder's tokenizer (add_vocab)."""
     cfg = json.load(open(os.path.join(folder, "config.json")))
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = cfg["hidden_size"] // heads
@@ -104,6 +123,8 @@ def write_gguf(folder, path, qtype=F32, stacked=True, replace=None):
     if "num_local_experts" in cfg:  # Mixtral
         w.add_expert_count(cfg["num_local_experts"])
         w.add_expert_used_count(cfg["num_experts_per_tok"])
+    if vocab:
+        add_vocab(w, folder)
     if cfg["rope_parameters"].get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg["rope_parameters"], head_dim))
     tensors = {**gguf_tensors(folder, cfg, stacked), **(replace or {})}

@@ -13,6 +13,8 @@ records it as finished with reason "error".
 
 import dataclasses
 import json
+import re
+import sys
 
 import numpy as np
 
@@ -23,6 +25,7 @@ FORMS = ("prompt", "messages", "input_ids")
 _SHOWN = 5  # problems quoted in the error without skip_invalid
 _BATCH = 4096  # plain prompts tokenized at once: parallel in the tokenizer, bounded memory
 _EMPTY = np.zeros(0, np.int32)
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")  # the JSON escape of a UTF-16 surrogate
 
 
 @dataclasses.dataclass
@@ -112,6 +115,15 @@ def _parse(line, request):
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise _Invalid(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise _Invalid("invalid JSON (nested too deeply)") from None
+    except ValueError:  # the one other error of json.loads: Python's limit on integer digits
+        raise _Invalid(f"invalid JSON (an integer of more than {sys.get_int_max_str_digits()} digits)") from None
+    if _SURROGATE.search(line):  # JSON may escape half of a UTF-16 pair alone: not text, not storable
+        try:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise _Invalid(f"a string holds an unpaired UTF-16 surrogate ({e.object[e.start]!r}), which is not text") from None
     if not isinstance(row, dict):
         raise _Invalid(f"expected a JSON object, got {_brief(row)}")
     if "id" in row:
