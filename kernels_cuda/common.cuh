@@ -66,3 +66,20 @@ __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
+
+// V consecutive floats (V = 4: one 16-byte access, p 16-byte aligned; else one at a time)
+template <int V> __device__ __forceinline__ void load_f32(const float* p, float* v) {
+    if constexpr (V == 4) {
+        const float4 a = *reinterpret_cast<const float4*>(p);
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    } else {
+        for (int i = 0; i < V; ++i) v[i] = p[i];
+    }
+}
+template <int V> __device__ __forceinline__ void store_f32(float* p, const float* v) {
+    if constexpr (V == 4) {
+        *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+        for (int i = 0; i < V; ++i) p[i] = v[i];
+    }
+}

@@ -17,23 +17,6 @@
 // device-to-device copy of the same bytes.
 #include "common.cuh"
 
-template <int V> __device__ __forceinline__ void ld(const float* p, float* v) {
-    if constexpr (V == 4) {
-        const float4 a = *reinterpret_cast<const float4*>(p);
-        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-    } else {
-        for (int i = 0; i < V; ++i) v[i] = p[i];
-    }
-}
-
-template <int V> __device__ __forceinline__ void st(float* p, const float* v) {
-    if constexpr (V == 4) {
-        *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
-    } else {
-        for (int i = 0; i < V; ++i) p[i] = v[i];
-    }
-}
-
 template <int V>
 __device__ __forceinline__ void rope_token(const float* x, const float* __restrict__ cos,
                                            const float* __restrict__ sin, float* out, int heads, int half) {
@@ -45,17 +28,17 @@ __device__ __forceinline__ void rope_token(const float* x, const float* __restri
         const int j = (u - h * q) * V;  // index in the first half
         const long long p = row + (long long)h * 2 * half + j;
         float a[V], b[V], c[V], s[V], o1[V], o2[V];
-        ld<V>(x + p, a);
-        ld<V>(x + p + half, b);
-        ld<V>(cos + t * half + j, c);
-        ld<V>(sin + t * half + j, s);
+        load_f32<V>(x + p, a);
+        load_f32<V>(x + p + half, b);
+        load_f32<V>(cos + t * half + j, c);
+        load_f32<V>(sin + t * half + j, s);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
             o1[i] = a[i] * c[i] - b[i] * s[i];
             o2[i] = b[i] * c[i] + a[i] * s[i];
         }
-        st<V>(out + p, o1);
-        st<V>(out + p + half, o2);
+        store_f32<V>(out + p, o1);
+        store_f32<V>(out + p + half, o2);
     }
 }
 

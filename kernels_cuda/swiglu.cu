@@ -16,23 +16,6 @@
 // bw_frac (gate, up read, out written) next to a cupy device-to-device copy of the same bytes.
 #include "common.cuh"
 
-template <int V> __device__ __forceinline__ void ld(const float* p, float* v) {
-    if constexpr (V == 4) {
-        const float4 a = *reinterpret_cast<const float4*>(p);
-        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-    } else {
-        for (int i = 0; i < V; ++i) v[i] = p[i];
-    }
-}
-
-template <int V> __device__ __forceinline__ void st(float* p, const float* v) {
-    if constexpr (V == 4) {
-        *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
-    } else {
-        for (int i = 0; i < V; ++i) p[i] = v[i];
-    }
-}
-
 template <int V>
 __device__ __forceinline__ void silu_mul_body(const float* __restrict__ gate, const float* __restrict__ up,
                                               float* __restrict__ out, int rows, int cols, long long gs,
@@ -44,11 +27,11 @@ __device__ __forceinline__ void silu_mul_body(const float* __restrict__ gate, co
         const unsigned r = u / q;
         const unsigned j = (u - r * q) * V;
         float g[V], x[V];
-        ld<V>(gate + r * gs + j, g);
-        ld<V>(up + r * us + j, x);
+        load_f32<V>(gate + r * gs + j, g);
+        load_f32<V>(up + r * us + j, x);
 #pragma unroll
         for (int i = 0; i < V; ++i) g[i] = g[i] / (1.0f + expf(-g[i])) * x[i];
-        st<V>(out + (long long)r * cols + j, g);
+        store_f32<V>(out + (long long)r * cols + j, g);
     }
 }
 

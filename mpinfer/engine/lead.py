@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from ..errors import EXIT_OK, EXIT_RESUMABLE
+from ..io.results import request_metrics
 from . import dispatch, experts
 from .progress import Progress
 
@@ -116,16 +117,5 @@ def error_record(r):
 
 def _metrics(rows, wall_s):
     """Run metrics over every finished request in the file (earlier runs included)."""
-    ok = [i for i, reason in enumerate(rows["finish_reason"]) if reason != "error"]
-    n_out = np.array([len(rows["output_ids"][i]) for i in ok], dtype=np.int64)
-    ttft = np.array([rows["ttft_s"][i] for i in ok])
-    latency = np.array([rows["latency_s"][i] for i in ok])
-    multi = n_out > 1
-    tpot = (latency[multi] - ttft[multi]) / (n_out[multi] - 1)
-    m = {"requests": len(ok), "generated_tokens": int(n_out.sum()),
-         "prompt_tokens": int(sum(len(rows["prompt_ids"][i]) for i in ok)),
-         "throughput_tok_s": float(n_out.sum() / wall_s) if wall_s > 0 else 0.0}
-    for name, values in (("ttft", ttft), ("tpot", tpot)):
-        for q in (50, 90, 99):
-            m[f"{name}_p{q}_s"] = float(np.percentile(values, q)) if len(values) else 0.0
-    return m
+    m = request_metrics(rows)
+    return m | {"throughput_tok_s": m["generated_tokens"] / wall_s if wall_s > 0 else 0.0}

@@ -27,6 +27,7 @@ from ..errors import UserError
 from ..job import Shard, load_job
 from ..weights import open_checkpoint
 from .fingerprint import fingerprint
+from .results import request_metrics
 from .results import COLUMNS, NOT_METRICS, ResultsFile, _open, _plain, _read_arrays, lock, read_rows
 
 _SHOWN = 5  # problems quoted in the error
@@ -99,19 +100,8 @@ def _check_output(path, expected):
 def _metrics(rows, attrs, moe):
     """The merged file's metrics (see the module docstring). rows: the merged /requests,
     sorted; attrs: each shard's root attributes."""
-    ok = [i for i, reason in enumerate(rows["finish_reason"]) if reason != "error"]
-    n_out = np.array([len(rows["output_ids"][i]) for i in ok], dtype=np.int64)
-    ttft = np.array([rows["ttft_s"][i] for i in ok])
-    latency = np.array([rows["latency_s"][i] for i in ok])
-    multi = n_out > 1
-    tpot = (latency[multi] - ttft[multi]) / (n_out[multi] - 1)
-    m = {"requests": len(ok), "generated_tokens": int(n_out.sum()),
-         "prompt_tokens": int(sum(len(rows["prompt_ids"][i]) for i in ok)),
-         "throughput_tok_s": float(sum(a["throughput_tok_s"] for a in attrs)),
-         "startup_s": float(max(a["startup_s"] for a in attrs))}
-    for name, values in (("ttft", ttft), ("tpot", tpot)):
-        for q in (50, 90, 99):
-            m[f"{name}_p{q}_s"] = float(np.percentile(values, q)) if len(values) else 0.0
+    m = request_metrics(rows) | {"throughput_tok_s": float(sum(a["throughput_tok_s"] for a in attrs)),
+                                 "startup_s": float(max(a["startup_s"] for a in attrs))}
     if moe:
         m |= {"moe.imbalance_max": float(moe["moe/imbalance"][0].max()),
               "moe.rank_imbalance_max": float(moe["moe/rank_imbalance"][0].max()),

@@ -340,3 +340,20 @@ def summary(path) -> dict:
         if name in attrs:
             out[name] = json.loads(attrs[name])
     return out
+
+
+def request_metrics(rows):
+    """Metrics of the finished requests of /requests rows (read_rows): counts of requests and
+    tokens, and the 50/90/99th percentiles of time to first token and time per output token."""
+    ok = [i for i, reason in enumerate(rows["finish_reason"]) if reason != "error"]
+    n_out = np.array([len(rows["output_ids"][i]) for i in ok], dtype=np.int64)
+    ttft = np.array([rows["ttft_s"][i] for i in ok])
+    latency = np.array([rows["latency_s"][i] for i in ok])
+    multi = n_out > 1
+    tpot = (latency[multi] - ttft[multi]) / (n_out[multi] - 1)
+    m = {"requests": len(ok), "generated_tokens": int(n_out.sum()),
+         "prompt_tokens": int(sum(len(rows["prompt_ids"][i]) for i in ok))}
+    for name, values in (("ttft", ttft), ("tpot", tpot)):
+        for q in (50, 90, 99):
+            m[f"{name}_p{q}_s"] = float(np.percentile(values, q)) if len(values) else 0.0
+    return m
