@@ -31,7 +31,7 @@ import e2e  # noqa: E402
 import models  # noqa: E402
 from util import copy_bandwidth, time_us  # noqa: E402
 
-AREAS = ["elementwise", "gemm", "attention", "routing"]
+AREAS = ["elementwise", "gemm", "attention", "routing", "quant"]
 WORK = Path(os.environ.get("MPINFER_GPU_WORK", "/tmp/mpinfer-gpu"))
 
 

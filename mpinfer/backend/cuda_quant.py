@@ -1,0 +1,95 @@
+"""Linear layers on GGUF-quantized weights kept on the GPU (W4A16 / W8A16), decode shapes.
+
+One kernel file, kernels_cuda/gemv_q.cu (its header is the manual): C = A W^T (+ bias)
+for M <= 16 rows of bf16 A, with W (N, K) left in its GGUF blocks (Q8_0, Q4_0, Q4_1: raw
+bytes as the file stores them, row-major, K/32 blocks a row) and dequantized inside the
+GEMM, so a decode step reads 0.56 (Q4_0) to 1.06 (Q8_0) bytes per weight instead of 2.
+"""
+
+from functools import lru_cache
+
+import cupy
+import numpy as np
+
+from . import kernels
+from .cuda_gemm import SMS
+
+GEMV_Q_MAX_M = 16
+BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}  # bytes of a GGUF block of 32 weights
+# dynamic shared memory: 8 warps x 3 stages x 16 rows x a row's slot (gemv_q.cu's Fmt::SLOT)
+_SMEM = {"q8_0": 8 * 3 * 16 * 288, "q4_0": 8 * 3 * 16 * 176, "q4_1": 8 * 3 * 16 * 176}
+_CHUNK = 8  # GGUF blocks per K chunk of a warp (256 K); a split's K range is whole chunks
+
+
+def _null():
+    return np.uint64(0)
+
+
+def gemv_q_plan(N, K):
+    """(variant, W rows per block, splits, qc) for W (N, K): wide N -> "k2" blocks of 64
+    rows (2 warps along K); else "k8" blocks of 16 rows (8 warps along K), whose K is cut
+    into splits ranges of qc GGUF blocks (whole 256-wide chunks) only when the ceil(N/16)
+    blocks leave SMs idle, then into about two blocks per SM."""
+    chunks = -(-(K // 32) // _CHUNK)
+    if -(-N // 64) >= SMS:
+        return "k2", 64, 1, chunks * _CHUNK
+    blocks = -(-N // 16)
+    splits = 1 if blocks >= SMS else min(-(-2 * SMS // blocks), chunks)
+    per_split = -(-chunks // splits)
+    return "k8", 16, -(-chunks // per_split), per_split * _CHUNK
+
+
+def _check(a, wq, fmt, N, K, bias):
+    kernels.require(fmt in BLOCK_BYTES, f"gemv_q: fmt must be one of {sorted(BLOCK_BYTES)}, got {fmt!r}")
+    kernels.require(isinstance(K, (int, np.integer)) and K > 0 and K % 32 == 0,
+                    f"gemv_q: K = {K} must be a positive multiple of 32 (whole GGUF blocks)")
+    kernels.require(isinstance(N, (int, np.integer)) and 0 <= N < 2**31, f"gemv_q: N = {N} must be in [0, 2^31)")
+    kernels.require(a.dtype == np.uint16 and a.ndim == 2 and a.shape[1] == K,
+                    f"gemv_q: a must be 2-D uint16 (bf16 bits) (M, K = {K}), got {a.dtype} {a.shape}")
+    kernels.require(a.shape[0] <= GEMV_Q_MAX_M, f"gemv_q: a has {a.shape[0]} rows, at most {GEMV_Q_MAX_M} allowed")
+    kernels.require(a.flags.c_contiguous and a.data.ptr % 16 == 0,
+                    f"gemv_q: a {a.shape} must be C-contiguous and 16-byte aligned (address {a.data.ptr:#x})")
+    nbytes = N * (K // 32) * BLOCK_BYTES[fmt]
+    kernels.require(wq.dtype == np.uint8 and wq.size == nbytes and wq.flags.c_contiguous,
+                    f"gemv_q: wq must be C-contiguous uint8 of N * K/32 * {BLOCK_BYTES[fmt]} = {nbytes} bytes "
+                    f"({fmt}, N = {N}, K = {K}), got {wq.dtype} {wq.shape}")
+    kernels.require(wq.data.ptr % 16 == 0, f"gemv_q: wq must be 16-byte aligned (address {wq.data.ptr:#x})")
+    if bias is not None:
+        kernels.require(bias.dtype == np.float32 and bias.shape == (N,) and bias.flags.c_contiguous,
+                        f"gemv_q: bias must be contiguous float32 ({N},), got {bias.dtype} {bias.shape}")
+
+
+def gemv_q(a, wq, fmt, N, K, bias=None, out=None):
+    """a (M, K) uint16 bf16 bits, M <= 16; wq uint8 holding W (N, K) as GGUF blocks of fmt
+    ("q8_0", "q4_0", "q4_1"), row-major, N * K/32 * block bytes (the tensor's bytes as the
+    file stores them); bias (N,) float32 or None -> float32 (M, N) = a @ dequant(W).T + bias,
+    new or written into out (C-contiguous float32 (M, N)). K % 32 == 0; a and wq 16-byte
+    aligned and C-contiguous."""
+    _check(a, wq, fmt, N, K, bias)
+    M = a.shape[0]
+    if out is None:
+        out = cupy.empty((M, N), np.float32)
+    kernels.require(out.dtype == np.float32 and out.shape == (M, N) and out.flags.c_contiguous,
+                    f"gemv_q: out must be C-contiguous float32 {(M, N)}, got {out.dtype} {out.shape}")
+    if M == 0 or N == 0:
+        return out
+    b = bias if bias is not None else _null()
+    variant, rows, splits, qc = gemv_q_plan(N, K)
+    dst = out if splits == 1 else cupy.empty((splits, M, N), np.float32)
+    f = _function(f"gemv_{fmt}_{variant}", _SMEM[fmt])
+    f((-(-N // rows), splits, 1), (256, 1, 1),
+      (a, wq, b if splits == 1 else _null(), dst, np.int32(M), np.int32(N), np.int32(K), np.int32(qc)),
+      shared_mem=_SMEM[fmt])
+    if splits > 1:  # partials (splits, M, N) summed in split order, + bias
+        MN = M * N
+        kernels.function("gemv", "gemv_reduce")(
+            (-(-MN // 256), 1, 1), (256, 1, 1), (dst, b, out, np.int32(MN), np.int32(N), np.int32(splits)))
+    return out
+
+
+@lru_cache(maxsize=None)
+def _function(name, smem):
+    """The kernel with its shared-memory opt-in set once (over 48 KB of dynamic shared memory)."""
+    f = kernels.function("gemv_q", name)
+    f.max_dynamic_shared_size_bytes = smem
+    return f
