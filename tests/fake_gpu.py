@@ -43,9 +43,10 @@ def _cupy():
         def use(self):
             pass
 
-    props = {"pciDomainID": 0, "pciBusID": 0, "pciDeviceID": 0}  # one GPU: ranks share it, as on the test machine
+    # one GPU of 80 GiB: ranks share it, as on the test machine
+    props = {"pciDomainID": 0, "pciBusID": 0, "pciDeviceID": 0}
     cp.cuda = types.SimpleNamespace(Device=Device, runtime=types.SimpleNamespace(
-        getDeviceCount=lambda: 1, getDeviceProperties=lambda i: props))
+        getDeviceCount=lambda: 1, getDeviceProperties=lambda i: props, memGetInfo=lambda: (60 << 30, 80 << 30)))
     return cp
 
 

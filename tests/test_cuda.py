@@ -159,3 +159,15 @@ def test_cuda_backend_jobs_under_mpi(fake_gpu, tiny_model, tmp_path, arch, layou
             if len(differ):
                 assert top[p, 0] - top[p, 1] < 0.3, (rid, p, top[p])
     assert equal >= len(lines) * len(layouts) // 2  # most requests are identical all the way
+
+
+def test_auto_layout_plans_with_the_gpu_memory(fake_gpu, tiny_model, tmp_path):
+    """parallel.auto on GPUs plans with the GPU's memory (two ranks sharing the stand-in's one
+    80 GiB GPU: 40 GiB each) and bf16, not the host's memory and float32."""
+    from test_run import write_job
+
+    job, out = write_job(tmp_path, tiny_model("llama"), [{"id": "a", "input_ids": [5, 6, 7]}],
+                         engine={"backend": "cuda"}, parallel={"auto": True})
+    done = _fake_job(2, job)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "40.0 GiB per rank" in done.stdout, done.stdout

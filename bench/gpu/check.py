@@ -95,7 +95,7 @@ def nccl():
     return {"transport": g.transport, "all_reduce_equal": bool((x == before).all()), "ok": bool((x == before).all())}
 
 
-def tp2_job(folder):
+def tp2_job(folder, backend="cuda"):
     """mpiexec -n 2 with tp = 2 on the one GPU (MPI groups, host-staged) against 1 rank, same job."""
     prompts = WORK / "tp2.jsonl"
     rng = np.random.default_rng(1)
@@ -107,7 +107,7 @@ def tp2_job(folder):
         h5 = WORK / f"tp{ranks}.h5"
         h5.unlink(missing_ok=True)
         job.write_text(f'[model]\npath = "{folder}"\n[input]\npath = "{prompts}"\n[output]\npath = "{h5}"\n'
-                       f'[sampling]\nmax_new_tokens = 24\n[engine]\nbackend = "cuda"\nkv_cache_gb = 2\n'
+                       f'[sampling]\nmax_new_tokens = 24\n[engine]\nbackend = "{backend}"\nkv_cache_gb = 2\n'
                        f'[parallel]\ntp = {ranks}\n')
         t = time.perf_counter()
         p = subprocess.run(["mpiexec", "-n", str(ranks), sys.executable, "-m", "mpinfer", "run", str(job)],

@@ -21,7 +21,7 @@ import time
 from mpi4py import MPI
 
 from .. import __version__, context
-from ..backend import get_backend
+from ..backend import get_backend, gpu_problem
 from ..errors import EXIT_BAD_INPUT, EXIT_OK, UserError
 from ..io.fingerprint import fingerprint
 from ..io.prompts import read_prompts
@@ -135,8 +135,8 @@ def _auto_layout(job, comm):
     if comm.rank == 0:
         try:
             cfg = open_checkpoint(job.model_path).config
-            memory = _memory_per_rank(per_node)
-            work = Workload(batch=job.engine.max_seqs, param_bytes=4, act_bytes=4)  # the NumPy backend's float32
+            memory, item = _memory_per_rank(per_node, job.engine.backend)
+            work = Workload(batch=job.engine.max_seqs, param_bytes=item, act_bytes=item)
             tp, pp, ep, cp, why = choose_layout(cfg, comm.size, per_node, memory, work)
             choice = {"tp": tp, "pp": pp, "ep": ep, "cp": cp}
             print(f"mpinfer: parallel.auto: tp {tp}, pp {pp}, ep {ep}, cp {cp} (the planner's h100 / NVLink / NDR "
@@ -149,11 +149,18 @@ def _auto_layout(job, comm):
     return dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, **choice)), None
 
 
-def _memory_per_rank(per_node):
-    """Bytes a rank may hold: host memory shared by the node's ranks (NumPy backend)."""
+def _memory_per_rank(per_node, backend):
+    """(bytes a rank may hold, bytes per weight and KV element): on GPUs a GPU's memory
+    (shared by the ranks that share one) in bf16, else the node's memory shared by its
+    ranks in float32 (the NumPy backend)."""
+    if backend != "numpy" and gpu_problem() is None:
+        import cupy
+
+        gpus = cupy.cuda.runtime.getDeviceCount()
+        return cupy.cuda.runtime.memGetInfo()[1] * gpus // max(per_node, gpus), 2
     with open("/proc/meminfo") as f:
         total_kb = int(next(line for line in f if line.startswith("MemTotal:")).split()[1])
-    return total_kb * 1024 // per_node
+    return total_kb * 1024 // per_node, 4
 
 
 def _run(job, model, tokenizer, pool, topo, stop, queue):
