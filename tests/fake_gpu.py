@@ -43,6 +43,12 @@ def _cupy():
         def use(self):
             pass
 
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
     # one GPU of 80 GiB: ranks share it, as on the test machine
     props = {"pciDomainID": 0, "pciBusID": 0, "pciDeviceID": 0}
     cp.cuda = types.SimpleNamespace(Device=Device, runtime=types.SimpleNamespace(

@@ -38,13 +38,15 @@ class CudaBackend:
         """A checkpoint tensor (float32 numpy) -> bf16 bits on the GPU, rounded to nearest even."""
         u = np.ascontiguousarray(array, np.float32).view(np.uint32)
         bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)  # wraps only for NaN/inf inputs
-        out = cupy.asarray(bits)
+        with self.device:  # the model loads layers on worker threads, whose current device is 0
+            out = cupy.asarray(bits)
         self.weight_bytes += out.nbytes
         return out
 
     def bias(self, array):
         """A bias stays float32 (it is added to float32 activations; a few KB)."""
-        out = cupy.asarray(np.ascontiguousarray(array, np.float32))
+        with self.device:
+            out = cupy.asarray(np.ascontiguousarray(array, np.float32))
         self.weight_bytes += out.nbytes
         return out
 
