@@ -125,6 +125,10 @@ class RMSNorm:
     def __call__(self, x):
         return self.be.rmsnorm(x, self.w, self.eps)
 
+    def add(self, x, delta):
+        """(x + delta, its norm), in one pass where the backend fuses them."""
+        return self.be.add_rmsnorm(x, delta, self.w, self.eps)
+
 
 class Attention:
     """Grouped-query self-attention with RoPE, optional q/k bias (Qwen2), per-head q/k

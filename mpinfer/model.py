@@ -34,9 +34,14 @@ class Block:
         moe = cfg.moe_layers and cfg.moe_layers[layer]
         self.mlp = MoE(cfg, be, ckpt, layer, tp, ep) if moe else MLP(cfg, be, ckpt, layer, tp)
 
-    def __call__(self, x, cos, sin, kv, batch):
-        x = x + self.attn(self.input_norm(x), cos, sin, kv, batch)
-        return x + self.mlp(self.post_attention_norm(x))
+    def __call__(self, x, h, cos, sin, kv, batch, next_norm=None):
+        """x (T, D): the residual stream; h: input_norm(x) when the block before computed it,
+        else None. Returns (x + attention + MLP, next_norm of it or None). Each residual add
+        is fused with the norm that reads its sum (backend.add_rmsnorm: one pass over the
+        rows instead of two; on GPUs x is updated in place)."""
+        x, h = self.post_attention_norm.add(x, self.attn(self.input_norm(x) if h is None else h, cos, sin, kv, batch))
+        delta = self.mlp(h)
+        return next_norm.add(x, delta) if next_norm is not None else (x + delta, None)
 
 
 class Decoder:
@@ -108,8 +113,10 @@ class Decoder:
         """This rank's layers on x (T, D); batch: kvcache.Batch, where K/V go and come from."""
         self.tp.tokens = len(batch.positions)
         cos, sin = rope.cos_sin(self.inv_freq, batch.positions)
-        for block in self.blocks:
-            x = block(x, cos, sin, batch.pool, batch)
+        h = None
+        for i, block in enumerate(self.blocks):
+            next_norm = self.blocks[i + 1].input_norm if i + 1 < len(self.blocks) else None
+            x, h = block(x, h, cos, sin, batch.pool, batch, next_norm)
         return x
 
     def moe_layers(self):

@@ -72,6 +72,11 @@ def _kernels():
     ew = types.ModuleType("mpinfer.backend.cuda_elementwise")
     ew.to_bf16 = lambda x: bf16_bits(x)
     ew.rmsnorm = lambda x, w, eps: ref.rmsnorm(x, f32(w), eps)
+    def add_rmsnorm(x, delta, w, eps):  # like the kernel: the sum goes into x
+        x += delta
+        return x, ref.rmsnorm(x, f32(w), eps)
+
+    ew.add_rmsnorm = add_rmsnorm
     ew.rope = lambda x, cos, sin: ref.rope(x, cos, sin)
     ew.silu_mul = lambda gate, up: ref.silu_mul(np.ascontiguousarray(gate), np.ascontiguousarray(up))
     ew.embedding = lambda table, ids, offset: ref.embedding(f32(table), ids, offset)

@@ -98,6 +98,11 @@ class CudaBackend:
     def rmsnorm(self, x, w, eps):
         return ew.rmsnorm(cupy.ascontiguousarray(x), w, eps)
 
+    def add_rmsnorm(self, x, delta, w, eps):
+        """One kernel pass: x += delta (in place: x is the residual stream, owned by the
+        decoder loop) and the norm of the sum."""
+        return ew.add_rmsnorm(cupy.ascontiguousarray(x), cupy.ascontiguousarray(delta), w, eps)
+
     def rope(self, x, cos, sin):
         return ew.rope(cupy.ascontiguousarray(x), self._up(cos, np.float32), self._up(sin, np.float32))
 

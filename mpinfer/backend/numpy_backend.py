@@ -106,6 +106,11 @@ class NumpyBackend:
         variance = np.mean(np.square(x), axis=-1, keepdims=True)
         return x * (1.0 / np.sqrt(variance + eps)) * w
 
+    def add_rmsnorm(self, x, delta, w, eps):
+        """The residual add and the norm that reads its sum: (x + delta, rmsnorm of it)."""
+        s = x + delta
+        return s, self.rmsnorm(s, w, eps)
+
     def rope(self, x, cos, sin):
         # x (T, heads, Dh); cos, sin (T, Dh/2). Rotates the pairs (i, i + Dh/2) ("rotate half").
         half = x.shape[-1] // 2
