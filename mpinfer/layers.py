@@ -118,16 +118,19 @@ class Linear:
 
 
 class RMSNorm:
-    def __init__(self, be, ckpt, name, size, eps):
-        self.be, self.eps = be, eps
+    """matmul_input: the result only feeds linears (the hidden-state norms), so a backend
+    may hand it over in the matmuls' input format (on GPUs bf16: no separate cast pass)."""
+
+    def __init__(self, be, ckpt, name, size, eps, matmul_input=False):
+        self.be, self.eps, self.matmul_input = be, eps, matmul_input
         self.w = be.weight(ckpt.get(f"{name}.weight", (size,)))
 
     def __call__(self, x):
-        return self.be.rmsnorm(x, self.w, self.eps)
+        return self.be.rmsnorm(x, self.w, self.eps, self.matmul_input)
 
     def add(self, x, delta):
         """(x + delta, its norm), in one pass where the backend fuses them."""
-        return self.be.add_rmsnorm(x, delta, self.w, self.eps)
+        return self.be.add_rmsnorm(x, delta, self.w, self.eps, self.matmul_input)
 
 
 class Attention:

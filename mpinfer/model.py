@@ -28,9 +28,10 @@ from .weights import open_checkpoint
 class Block:
     def __init__(self, cfg, be, ckpt, layer, tp, ep, slot, cp_method):
         p = f"model.layers.{layer}"
-        self.input_norm = RMSNorm(be, ckpt, f"{p}.input_layernorm", cfg.hidden_size, cfg.rms_eps)
+        self.input_norm = RMSNorm(be, ckpt, f"{p}.input_layernorm", cfg.hidden_size, cfg.rms_eps, matmul_input=True)
         self.attn = Attention(cfg, be, ckpt, layer, tp, slot, cp_method)
-        self.post_attention_norm = RMSNorm(be, ckpt, f"{p}.post_attention_layernorm", cfg.hidden_size, cfg.rms_eps)
+        self.post_attention_norm = RMSNorm(be, ckpt, f"{p}.post_attention_layernorm", cfg.hidden_size, cfg.rms_eps,
+                                           matmul_input=True)
         moe = cfg.moe_layers and cfg.moe_layers[layer]
         self.mlp = MoE(cfg, be, ckpt, layer, tp, ep) if moe else MLP(cfg, be, ckpt, layer, tp)
 
@@ -80,7 +81,7 @@ class Decoder:
         with ThreadPoolExecutor(min(4, len(os.sched_getaffinity(0)))) as pool:
             self.blocks = list(pool.map(lambda i: Block(cfg, be, ckpt, i, tp, ep, i - self.layers[0], cp_method), range(*self.layers)))
         if self.last:
-            self.norm = RMSNorm(be, ckpt, "model.norm", cfg.hidden_size, cfg.rms_eps)
+            self.norm = RMSNorm(be, ckpt, "model.norm", cfg.hidden_size, cfg.rms_eps, matmul_input=True)
             if cfg.tie_embeddings:
                 self.lm_head = self.embed if self.first else embed()  # (V/P, D)
             else:

@@ -223,7 +223,7 @@ class MoE:
         counts = np.bincount(experts, minlength=len(self.router))
         self.computed += counts
         order = np.argsort(experts, kind="stable")
-        y = np.empty_like(rows)
+        y = self.be.zeros(rows.shape)  # float32 (rows may come in the matmuls' input format)
         start = 0
         for e in np.flatnonzero(counts):
             gate_up, down = self.experts[e]

@@ -71,10 +71,14 @@ def _kernels():
 
     ew = types.ModuleType("mpinfer.backend.cuda_elementwise")
     ew.to_bf16 = lambda x: bf16_bits(x)
-    ew.rmsnorm = lambda x, w, eps: ref.rmsnorm(x, f32(w), eps)
-    def add_rmsnorm(x, delta, w, eps):  # like the kernel: the sum goes into x
+    def rmsnorm(x, w, eps, bf16=False):
+        y = ref.rmsnorm(x, f32(w), eps)
+        return bf16_bits(y) if bf16 else y
+
+    ew.rmsnorm = rmsnorm
+    def add_rmsnorm(x, delta, w, eps, bf16=False):  # like the kernel: the sum goes into x
         x += delta
-        return x, ref.rmsnorm(x, f32(w), eps)
+        return x, rmsnorm(x, w, eps, bf16)
 
     ew.add_rmsnorm = add_rmsnorm
     ew.rope = lambda x, cos, sin: ref.rope(x, cos, sin)

@@ -124,7 +124,8 @@ def _fake_job(ranks, job, **env):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
 
 
-@pytest.mark.parametrize("arch, layouts", [("llama", [(2, {"tp": 2}), (2, {"pp": 2}), (4, {"tp": 2, "pp": 2})]),
+@pytest.mark.parametrize("arch, layouts", [("llama", [(2, {"tp": 2}), (2, {"pp": 2}), (4, {"tp": 2, "pp": 2}),
+                                                     (2, {"tp": 2, "sp": True})]),
                                            ("mixtral", [(2, {"tp": 2, "ep": 2}), (4, {"tp": 2, "ep": 4})])])
 def test_cuda_backend_jobs_under_mpi(fake_gpu, tiny_model, tmp_path, arch, layouts):
     """mpinfer run with engine.backend = "cuda" (the stand-in GPU, one for all ranks, so TP

@@ -92,16 +92,18 @@ class CudaBackend:
         return ew.embedding(table, self._up(ids, np.int64), offset)
 
     def linear(self, x, w, b=None):
-        # x (T, in) float32 -> bf16 rows; w (out, in) bf16 -> (T, out) float32
-        return gemm(ew.to_bf16(cupy.ascontiguousarray(x)), w, b)  # b: float32 (bias())
+        # x (T, in) float32, or bf16 bits from a matmul_input norm; w (out, in) bf16 -> (T, out) float32
+        a = cupy.ascontiguousarray(x) if x.dtype == cupy.uint16 else ew.to_bf16(cupy.ascontiguousarray(x))
+        return gemm(a, w, b)  # b: float32 (bias())
 
-    def rmsnorm(self, x, w, eps):
-        return ew.rmsnorm(cupy.ascontiguousarray(x), w, eps)
+    def rmsnorm(self, x, w, eps, matmul_input=False):
+        """float32, or with matmul_input bf16 bits for the linears that read it (no cast pass)."""
+        return ew.rmsnorm(cupy.ascontiguousarray(x), w, eps, bf16=matmul_input)
 
-    def add_rmsnorm(self, x, delta, w, eps):
+    def add_rmsnorm(self, x, delta, w, eps, matmul_input=False):
         """One kernel pass: x += delta (in place: x is the residual stream, owned by the
         decoder loop) and the norm of the sum."""
-        return ew.add_rmsnorm(cupy.ascontiguousarray(x), cupy.ascontiguousarray(delta), w, eps)
+        return ew.add_rmsnorm(cupy.ascontiguousarray(x), cupy.ascontiguousarray(delta), w, eps, bf16=matmul_input)
 
     def rope(self, x, cos, sin):
         return ew.rope(cupy.ascontiguousarray(x), self._up(cos, np.float32), self._up(sin, np.float32))

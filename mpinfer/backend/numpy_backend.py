@@ -101,12 +101,13 @@ class NumpyBackend:
             y += b
         return y
 
-    def rmsnorm(self, x, w, eps):
+    def rmsnorm(self, x, w, eps, matmul_input=False):
         # x (..., n), w (n,): normalise over the last axis, as transformers' RMSNorm in float32
+        # (matmul_input: the CUDA backend then returns bf16; here matmuls take float32)
         variance = np.mean(np.square(x), axis=-1, keepdims=True)
         return x * (1.0 / np.sqrt(variance + eps)) * w
 
-    def add_rmsnorm(self, x, delta, w, eps):
+    def add_rmsnorm(self, x, delta, w, eps, matmul_input=False):
         """The residual add and the norm that reads its sum: (x + delta, rmsnorm of it)."""
         s = x + delta
         return s, self.rmsnorm(s, w, eps)
