@@ -30,8 +30,8 @@ def forward(ckpt, sp, ids, counts):
     topo = Topology(WORLD, tp=2)
     be = get_backend("numpy")
     normed = []
-    rmsnorm = be.rmsnorm
-    be.rmsnorm = lambda x, w, eps: normed.append(x.shape[0] if x.ndim == 2 else 0) or rmsnorm(x, w, eps)
+    rmsnorm = be.rmsnorm  # count the rows each norm runs on (the NumPy add_rmsnorm calls it too)
+    be.rmsnorm = lambda x, w, eps, *a: normed.append(x.shape[0] if x.ndim == 2 else 0) or rmsnorm(x, w, eps, *a)
     model = Decoder(ckpt, be, topo.tp, sp=sp)
     pool = PagedKVCache.for_model(model, 2**24, 16, model.config.num_layers)
     seqs = [pool.sequence() for _ in counts]
