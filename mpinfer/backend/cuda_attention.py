@@ -37,6 +37,20 @@ def _check_array(name, a, dtype, ndim):
             f"{type(a).__name__} {getattr(a, 'dtype', '?')} {getattr(a, 'shape', '?')}")
 
 
+def _check_heads(op, q, k_pool, v_pool):
+    """q (T, H, Dh) float32 and the K/V pools (R, Hkv, Dh) bf16 of one op; returns (T, H, Dh, Hkv)."""
+    _check_array(f"{op} q", q, np.float32, 3)
+    T, H, Dh = q.shape
+    require(Dh in HEAD_DIMS, f"{op} q: head dim {Dh}, need one of {HEAD_DIMS}")
+    _check_pool(f"{op} k_pool", k_pool)
+    Hkv = k_pool.shape[1]
+    require(Hkv > 0 and H % Hkv == 0, f"{op}: {H} query heads not a multiple of {Hkv} KV heads")
+    _check_pool(f"{op} k_pool", k_pool, Hkv, Dh)
+    _check_pool(f"{op} v_pool", v_pool, Hkv, Dh)
+    require(v_pool.shape == k_pool.shape, f"{op} v_pool: shape {v_pool.shape}, need {k_pool.shape}")
+    return T, H, Dh, Hkv
+
+
 def store_kv(pool, slots, x):
     """pool (R, Hkv, Dh) uint16 bf16 bits, in place: pool[slots[t]] = bf16(x[t]) for every token t
     with slots[t] >= 0 (a negative slot skips the token). slots (T,) int32, x (T, Hkv, Dh) float32."""
@@ -63,15 +77,7 @@ def varlen_attention(q, k_pool, v_pool, seg_q, q_pos, seg_k, key_slots, key_pos,
     keys (0 where none) and lse (T, H) float32, their log-sum-exp of scaled scores (-inf where
     none): NumpyBackend.partial_attention per segment. The segments must cover rows 0..T-1
     (rows outside them are not written; the device-side arrays are not read back to check)."""
-    _check_array("varlen_attention q", q, np.float32, 3)
-    T, H, Dh = q.shape
-    require(Dh in HEAD_DIMS, f"varlen_attention q: head dim {Dh}, need one of {HEAD_DIMS}")
-    _check_pool("varlen_attention k_pool", k_pool)
-    Hkv = k_pool.shape[1]
-    require(Hkv > 0 and H % Hkv == 0, f"varlen_attention: {H} query heads not a multiple of {Hkv} KV heads")
-    _check_pool("varlen_attention k_pool", k_pool, Hkv, Dh)
-    _check_pool("varlen_attention v_pool", v_pool, Hkv, Dh)
-    require(v_pool.shape == k_pool.shape, f"varlen_attention v_pool: shape {v_pool.shape}, need {k_pool.shape}")
+    T, H, Dh, Hkv = _check_heads("varlen_attention", q, k_pool, v_pool)
     for name, a in (("seg_q", seg_q), ("q_pos", q_pos), ("seg_k", seg_k), ("key_slots", key_slots), ("key_pos", key_pos)):
         _check_array(f"varlen_attention {name}", a, np.int32, 1)
     nseg = len(seg_q) - 1
@@ -89,10 +95,8 @@ def varlen_attention(q, k_pool, v_pool, seg_q, q_pos, seg_k, key_slots, key_pos,
     if T == 0 or nseg == 0:
         return out, lse
     mi = PREFILL_MI[Dh]
-    f = kernels.function("attention_prefill", f"attn_varlen_d{Dh}_m{mi}")
     smem = (64 * mi + 2 * 64) * Dh * 2  # Q tile, K tile, V tile (bf16)
-    if f.max_dynamic_shared_size_bytes < smem:
-        f.max_dynamic_shared_size_bytes = smem
+    f = kernels.function("attention_prefill", f"attn_varlen_d{Dh}_m{mi}", smem)
     grid = (-(-T // (64 * mi)) + nseg, H)  # an upper bound on the row tiles; spare blocks exit
     f(grid, (128,), (q, k_pool, v_pool, seg_q, q_pos, seg_k, key_slots, key_pos, out, lse, np.int32(nseg), np.int32(H),
                      np.int32(Hkv), np.int32(window), np.float32(1.0 / math.sqrt(Dh))), shared_mem=smem)
@@ -117,15 +121,7 @@ def decode_attention(q, k_pool, v_pool, tables, kv_lens, block_size, window=0):
     tables (B, nb) int32 block ids; kv_lens (B,) int32, 1 <= kv_lens[b] <= nb * block_size (not
     checked: on the device); block_size a power of two. Keys visible: the last `window` (all when
     0). Returns out (B, H, Dh) float32: NumpyBackend._decode_attention."""
-    _check_array("decode_attention q", q, np.float32, 3)
-    B, H, Dh = q.shape
-    require(Dh in HEAD_DIMS, f"decode_attention q: head dim {Dh}, need one of {HEAD_DIMS}")
-    _check_pool("decode_attention k_pool", k_pool)
-    Hkv = k_pool.shape[1]
-    require(Hkv > 0 and H % Hkv == 0, f"decode_attention: {H} query heads not a multiple of {Hkv} KV heads")
-    _check_pool("decode_attention k_pool", k_pool, Hkv, Dh)
-    _check_pool("decode_attention v_pool", v_pool, Hkv, Dh)
-    require(v_pool.shape == k_pool.shape, f"decode_attention v_pool: shape {v_pool.shape}, need {k_pool.shape}")
+    B, H, Dh, Hkv = _check_heads("decode_attention", q, k_pool, v_pool)
     _check_array("decode_attention tables", tables, np.int32, 2)
     _check_array("decode_attention kv_lens", kv_lens, np.int32, 1)
     require(tables.shape[0] == B and kv_lens.shape == (B,),

@@ -25,7 +25,6 @@ from .cuda_gemm import gemm
 class CudaBackend:
     name = "cuda"
     kv_bytes = 2  # per element of the KV cache (bf16)
-    param_bytes = 2
 
     def __init__(self, device=0):
         """device: the GPU's index among those this process sees (cuda_comm.pick_device)."""

@@ -35,20 +35,20 @@ class StagedGroup:
         x[...] = cupy.asarray(h)
         return x
 
+    def _staged(self, op, x, *args):
+        """comm.Group.op on x, through host memory when x is on the GPU (a new array back)."""
+        if not isinstance(x, cupy.ndarray):  # host arrays (e.g. logits shards) go as they are
+            return getattr(self.group, op)(x, *args)
+        return cupy.asarray(getattr(self.group, op)(cupy.asnumpy(x), *args))
+
     def reduce_scatter(self, x, counts):
-        if not isinstance(x, cupy.ndarray):
-            return self.group.reduce_scatter(x, counts)
-        return cupy.asarray(self.group.reduce_scatter(cupy.asnumpy(x), counts))
+        return self._staged("reduce_scatter", x, counts)
 
     def all_gather_rows(self, x, counts):
-        if not isinstance(x, cupy.ndarray):
-            return self.group.all_gather_rows(x, counts)
-        return cupy.asarray(self.group.all_gather_rows(cupy.asnumpy(x), counts))
+        return self._staged("all_gather_rows", x, counts)
 
     def all_to_all(self, x, send_counts, recv_counts):
-        if not isinstance(x, cupy.ndarray):
-            return self.group.all_to_all(x, send_counts, recv_counts)
-        return cupy.asarray(self.group.all_to_all(cupy.asnumpy(x), send_counts, recv_counts))
+        return self._staged("all_to_all", x, send_counts, recv_counts)
 
 
 class NcclGroup(StagedGroup):

@@ -5,8 +5,6 @@ decode-shaped products (M <= 16 rows) are memory-bound on W and go to the skinny
 kernel; anything taller goes to the tensor-core GEMM.
 """
 
-from functools import lru_cache
-
 import cupy
 import numpy as np
 
@@ -23,8 +21,32 @@ _GEMM_BM, _GEMM_BK = 128, 64
 _GEMV_KC_UNIT = 256  # a split gemv block's K range is a multiple of 256 (8 warps x 32)
 
 
-def _null():
+def null():
+    """A null pointer argument (no bias, no output of that kind)."""
     return np.uint64(0)
+
+
+def check_bias(op, bias, N):
+    if bias is not None:
+        kernels.require(bias.dtype == np.float32 and bias.shape == (N,) and bias.flags.c_contiguous,
+                        f"{op}: bias must be contiguous float32 ({N},), got {bias.dtype} {bias.shape}")
+
+
+def output(op, out, M, N):
+    """out, or a new float32 (M, N) array when None; checked C-contiguous float32 (M, N)."""
+    if out is None:
+        out = cupy.empty((M, N), np.float32)
+    kernels.require(out.dtype == np.float32 and out.shape == (M, N) and out.flags.c_contiguous,
+                    f"{op}: out must be C-contiguous float32 {(M, N)}, got {out.dtype} {out.shape}")
+    return out
+
+
+def reduce_splits(dst, b, out):
+    """out (M, N) = the sum of the split-K partials dst (splits, M, N) in split order, + bias b."""
+    splits, M, N = dst.shape
+    MN = M * N
+    kernels.function("gemv", "gemv_reduce")(
+        (-(-MN // 256), 1, 1), (256, 1, 1), (dst, b, out, np.int32(MN), np.int32(N), np.int32(splits)))
 
 
 def _check(a, w, bias):
@@ -39,9 +61,7 @@ def _check(a, w, bias):
                     f"gemm: K = {a.shape[1]} must be a positive multiple of 8 (16-byte rows)")
     kernels.require(a.data.ptr % 16 == 0 and w.data.ptr % 16 == 0,
                     f"gemm: a and w must be 16-byte aligned (addresses {a.data.ptr:#x}, {w.data.ptr:#x})")
-    if bias is not None:
-        kernels.require(bias.dtype == np.float32 and bias.shape == (w.shape[0],) and bias.flags.c_contiguous,
-                        f"gemm: bias must be contiguous float32 ({w.shape[0]},), got {bias.dtype} {bias.shape}")
+    check_bias("gemm", bias, w.shape[0])
 
 
 def gemm(a, w, bias=None, out=None):
@@ -50,13 +70,10 @@ def gemm(a, w, bias=None, out=None):
     (C-contiguous float32 (M, N)). All C-contiguous, K % 8 == 0, a and w 16-byte aligned."""
     _check(a, w, bias)
     (M, K), N = a.shape, w.shape[0]
-    if out is None:
-        out = cupy.empty((M, N), np.float32)
-    kernels.require(out.dtype == np.float32 and out.shape == (M, N) and out.flags.c_contiguous,
-                    f"gemm: out must be C-contiguous float32 {(M, N)}, got {out.dtype} {out.shape}")
+    out = output("gemm", out, M, N)
     if M == 0 or N == 0:
         return out
-    b = bias if bias is not None else _null()
+    b = bias if bias is not None else null()
     if M <= GEMV_MAX_M:
         _gemv(a, w, b, out, M, N, K)
     else:
@@ -70,17 +87,9 @@ def _gemm(a, w, b, out, M, N, K):
     name = "gemm_bf16_128x256" if tiles_m * -(-N // 256) >= SMS // 2 else "gemm_bf16_128x128"
     bn, stages, threads = _TILES[name]
     smem = stages * (_GEMM_BM + bn) * _GEMM_BK * 2
-    f = _gemm_function(name, smem)
+    f = kernels.function("gemm", name, smem)
     grid = (tiles_m * -(-N // bn), 1, 1)
     f(grid, (threads, 1, 1), (a, w, b, out, np.int32(M), np.int32(N), np.int32(K)), shared_mem=smem)
-
-
-@lru_cache(maxsize=None)
-def _gemm_function(name, smem):
-    """The kernel with its shared-memory opt-in set once (a driver call per launch otherwise)."""
-    f = kernels.function("gemm", name)
-    f.max_dynamic_shared_size_bytes = smem
-    return f
 
 
 def gemv_plan(N, K):
@@ -102,9 +111,7 @@ def _gemv(a, w, b, out, M, N, K):
     dst = out if splits == 1 else cupy.empty((splits, M, N), np.float32)
     grid = (-(-N // cols), splits, 1)
     kernels.function("gemv", name)(
-        grid, (256, 1, 1), (a, w, b if splits == 1 else _null(), dst, np.int32(M), np.int32(N), np.int32(K),
+        grid, (256, 1, 1), (a, w, b if splits == 1 else null(), dst, np.int32(M), np.int32(N), np.int32(K),
                             np.int32(kc)))
     if splits > 1:
-        MN = M * N
-        kernels.function("gemv", "gemv_reduce")(
-            (-(-MN // 256), 1, 1), (256, 1, 1), (dst, b, out, np.int32(MN), np.int32(N), np.int32(splits)))
+        reduce_splits(dst, b, out)

@@ -6,23 +6,17 @@ bytes as the file stores them, row-major, K/32 blocks a row) and dequantized ins
 GEMM, so a decode step reads 0.56 (Q4_0) to 1.06 (Q8_0) bytes per weight instead of 2.
 """
 
-from functools import lru_cache
-
 import cupy
 import numpy as np
 
 from . import kernels
-from .cuda_gemm import SMS
+from .cuda_gemm import SMS, check_bias, null, output, reduce_splits
 
 GEMV_Q_MAX_M = 16
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}  # bytes of a GGUF block of 32 weights
 # dynamic shared memory: 8 warps x 3 stages x 16 rows x a row's slot (gemv_q.cu's Fmt::SLOT)
 _SMEM = {"q8_0": 8 * 3 * 16 * 288, "q4_0": 8 * 3 * 16 * 176, "q4_1": 8 * 3 * 16 * 176}
 _CHUNK = 8  # GGUF blocks per K chunk of a warp (256 K); a split's K range is whole chunks
-
-
-def _null():
-    return np.uint64(0)
 
 
 def gemv_q_plan(N, K):
@@ -54,9 +48,7 @@ def _check(a, wq, fmt, N, K, bias):
                     f"gemv_q: wq must be C-contiguous uint8 of N * K/32 * {BLOCK_BYTES[fmt]} = {nbytes} bytes "
                     f"({fmt}, N = {N}, K = {K}), got {wq.dtype} {wq.shape}")
     kernels.require(wq.data.ptr % 16 == 0, f"gemv_q: wq must be 16-byte aligned (address {wq.data.ptr:#x})")
-    if bias is not None:
-        kernels.require(bias.dtype == np.float32 and bias.shape == (N,) and bias.flags.c_contiguous,
-                        f"gemv_q: bias must be contiguous float32 ({N},), got {bias.dtype} {bias.shape}")
+    check_bias("gemv_q", bias, N)
 
 
 def gemv_q(a, wq, fmt, N, K, bias=None, out=None):
@@ -67,29 +59,16 @@ def gemv_q(a, wq, fmt, N, K, bias=None, out=None):
     aligned and C-contiguous."""
     _check(a, wq, fmt, N, K, bias)
     M = a.shape[0]
-    if out is None:
-        out = cupy.empty((M, N), np.float32)
-    kernels.require(out.dtype == np.float32 and out.shape == (M, N) and out.flags.c_contiguous,
-                    f"gemv_q: out must be C-contiguous float32 {(M, N)}, got {out.dtype} {out.shape}")
+    out = output("gemv_q", out, M, N)
     if M == 0 or N == 0:
         return out
-    b = bias if bias is not None else _null()
+    b = bias if bias is not None else null()
     variant, rows, splits, qc = gemv_q_plan(N, K)
     dst = out if splits == 1 else cupy.empty((splits, M, N), np.float32)
-    f = _function(f"gemv_{fmt}_{variant}", _SMEM[fmt])
+    f = kernels.function("gemv_q", f"gemv_{fmt}_{variant}", _SMEM[fmt])
     f((-(-N // rows), splits, 1), (256, 1, 1),
-      (a, wq, b if splits == 1 else _null(), dst, np.int32(M), np.int32(N), np.int32(K), np.int32(qc)),
+      (a, wq, b if splits == 1 else null(), dst, np.int32(M), np.int32(N), np.int32(K), np.int32(qc)),
       shared_mem=_SMEM[fmt])
-    if splits > 1:  # partials (splits, M, N) summed in split order, + bias
-        MN = M * N
-        kernels.function("gemv", "gemv_reduce")(
-            (-(-MN // 256), 1, 1), (256, 1, 1), (dst, b, out, np.int32(MN), np.int32(N), np.int32(splits)))
+    if splits > 1:
+        reduce_splits(dst, b, out)
     return out
-
-
-@lru_cache(maxsize=None)
-def _function(name, smem):
-    """The kernel with its shared-memory opt-in set once (over 48 KB of dynamic shared memory)."""
-    f = kernels.function("gemv_q", name)
-    f.max_dynamic_shared_size_bytes = smem
-    return f

@@ -103,9 +103,13 @@ def module(name):
 
 
 @lru_cache(maxsize=None)
-def function(name, kernel):
-    """One kernel (an extern "C" function) of kernels_cuda/{name}.cu."""
-    return module(name).get_function(kernel)
+def function(name, kernel, smem=0):
+    """One kernel (an extern "C" function) of kernels_cuda/{name}.cu. smem: the dynamic shared
+    memory its launches use; its opt-in (needed beyond 48 KB) is set here, once."""
+    f = module(name).get_function(kernel)
+    if smem:
+        f.max_dynamic_shared_size_bytes = smem
+    return f
 
 
 def require(condition, message):

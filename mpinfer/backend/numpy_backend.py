@@ -28,7 +28,6 @@ class NumpyBackend:
 
     name = "numpy"
     kv_bytes = 4  # per element of the KV cache (float32)
-    param_bytes = 4
 
     def __init__(self, threads=None):
         threads = threads or int(os.environ.get("OPENBLAS_NUM_THREADS") or len(os.sched_getaffinity(0)))
