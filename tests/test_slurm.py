@@ -49,9 +49,13 @@ def submit(env, folder, *args):
     return done.stdout.strip().split(";")[0]
 
 
+# a job slow enough to signal in the middle (one request at a time)
+SLOW = dict(sampling={"max_new_tokens": 60}, engine={"max_batch_tokens": 16, "max_seqs": 1, "flush_seconds": 0.05})
+
+
 def job_state(env, job_id):
     """(JobState, exit code) from scontrol; no accounting on the private cluster."""
-    text = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    text = _show(env, job_id)
     state = re.search(r"JobState=(\S+)", text).group(1)
     return state, int(re.search(r" ExitCode=(\d+):", text).group(1))
 
@@ -75,20 +79,14 @@ def test_warning_signal_stops_resumably(slurm, tiny_model, tmp_path):
     """scancel --signal=USR1 (what --signal=USR1@120 sends before the time limit): exit code
     75 within 10 s, the rows kept are the uninterrupted run's, submitting again completes."""
     model = tiny_model("llama")
-    settings = dict(sampling={"max_new_tokens": 60}, engine={"max_batch_tokens": 16, "max_seqs": 1, "flush_seconds": 0.05})
-    ref_job, ref_out = write_job(tmp_path / "ref", model, prompt_lines(60, seed=7), **settings)
-    job, out = write_job(tmp_path / "slurm", model, prompt_lines(60, seed=7), **settings)
+    ref_job, ref_out = write_job(tmp_path / "ref", model, prompt_lines(60, seed=7), **SLOW)
+    job, out = write_job(tmp_path / "slurm", model, prompt_lines(60, seed=7), **SLOW)
     done = mpinfer(2, "run", ref_job)
     assert done.returncode == 0, done.stderr
     reference = rows_by_id(ref_out)
     job_id = submit(slurm, tmp_path, "-n", "2", SCRIPT, job)
     deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if out.exists() and len(read_rows(out)["id"]) >= 2:
-                break
-        except OSError:  # being replaced right now
-            pass
+    while not (out.exists() and _rows(out) >= 2) and time.time() < deadline:
         time.sleep(0.02)
     assert job_state(slurm, job_id)[0] == "RUNNING"
     signalled = time.time()
@@ -134,9 +132,8 @@ def test_requeue_after_the_warning_signal(slurm, tiny_model, tmp_path):
     """MPINFER_REQUEUE=1: the stopped job (exit 75) requeues itself; once eligible again it
     continues the results file to the uninterrupted run's rows."""
     model = tiny_model("llama")
-    settings = dict(sampling={"max_new_tokens": 60}, engine={"max_batch_tokens": 16, "max_seqs": 1, "flush_seconds": 0.05})
-    ref_job, ref_out = write_job(tmp_path / "ref", model, prompt_lines(30, seed=3), **settings)
-    job, out = write_job(tmp_path / "slurm", model, prompt_lines(30, seed=3), **settings)
+    ref_job, ref_out = write_job(tmp_path / "ref", model, prompt_lines(30, seed=3), **SLOW)
+    job, out = write_job(tmp_path / "slurm", model, prompt_lines(30, seed=3), **SLOW)
     done = mpinfer(1, "run", ref_job)
     assert done.returncode == 0, done.stderr
     env = {**slurm, "MPINFER_REQUEUE": "1"}
