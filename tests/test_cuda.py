@@ -172,3 +172,30 @@ def test_auto_layout_plans_with_the_gpu_memory(fake_gpu, tiny_model, tmp_path):
     done = _fake_job(2, job)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "40.0 GiB per rank" in done.stdout, done.stdout
+
+
+def test_kv_capacity_check_counts_bf16_on_gpus(fake_gpu, tiny_model, tmp_path):
+    """The up-front check that every request fits the KV cache sizes it as the backend will
+    allocate it: bf16 (2 bytes) on GPUs holds twice the float32 tokens of the NumPy backend."""
+    from test_run import write_job
+
+    from mpinfer.config import load_hf_config
+    from mpinfer.engine import runner
+    from mpinfer.job import load_job
+
+    folder = tiny_model("llama")
+    cfg = load_hf_config(folder)
+    per_token_f32 = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
+    need = 300  # tokens: 290 of prompt + 10 new
+    gb = 200 * per_token_f32 / 2**30  # float32: 200 tokens (< need); bf16: 400 (> need)
+    for backend, fits in (("numpy", False), ("cuda", True)):
+        job_file, _ = write_job(tmp_path, folder, [{"id": "a", "input_ids": [5] * (need - 10)}],
+                                engine={"backend": backend, "kv_cache_gb": gb, "block_size": 16})
+        job = load_job(str(job_file))
+        requests = [types.SimpleNamespace(id="a", index=0, error=None, prompt_ids=[5] * (need - 10),
+                                          sampling=types.SimpleNamespace(max_new_tokens=10))]
+        if fits:
+            runner._check_kv_capacity(job, cfg, requests)
+        else:
+            with pytest.raises(UserError, match="holds 192 tokens per replica"):
+                runner._check_kv_capacity(job, cfg, requests)

@@ -19,6 +19,12 @@ def gpu_problem():
     return None
 
 
+def kv_element_bytes(name):
+    """Bytes per KV-cache element of the backend engine.backend = name runs on here: bf16 on
+    GPUs, float32 on the NumPy backend (CudaBackend.kv_bytes, NumpyBackend.kv_bytes)."""
+    return 2 if name != "numpy" and gpu_problem() is None else 4
+
+
 def get_backend(name, comm=None):
     """The backend engine.backend names: "numpy", "cuda", or "auto" (cuda when a GPU is
     usable, else numpy). comm: the world communicator; on GPUs each rank takes the GPU of

@@ -21,7 +21,7 @@ import time
 from mpi4py import MPI
 
 from .. import __version__, context
-from ..backend import get_backend, gpu_problem
+from ..backend import get_backend, kv_element_bytes
 from ..errors import EXIT_BAD_INPUT, EXIT_OK, UserError
 from ..io.fingerprint import fingerprint
 from ..io.prompts import read_prompts
@@ -153,7 +153,7 @@ def _memory_per_rank(per_node, backend):
     """(bytes a rank may hold, bytes per weight and KV element): on GPUs a GPU's memory
     (shared by the ranks that share one) in bf16, else the node's memory shared by its
     ranks in float32 (the NumPy backend)."""
-    if backend != "numpy" and gpu_problem() is None:
+    if kv_element_bytes(backend) == 2:
         import cupy
 
         gpus = cupy.cuda.runtime.getDeviceCount()
@@ -258,7 +258,8 @@ def _check_kv_capacity(job, cfg, requests):
     """Refuse, before any compute, a request that could never fit the replica's KV cache."""
     e = job.engine
     layers, kv_heads = _largest_stage(cfg.num_layers, job.parallel.pp), kv_heads_per_rank(cfg, job.parallel.tp)
-    capacity = PagedKVCache.blocks_for_bytes(cfg, layers, kv_heads, e.kv_cache_gb * 2**30, e.block_size) * e.block_size
+    capacity = PagedKVCache.blocks_for_bytes(cfg, layers, kv_heads, e.kv_cache_gb * 2**30, e.block_size,
+                                             kv_element_bytes(e.backend)) * e.block_size
     p = job.parallel
     for r in requests:
         need = min(len(r.prompt_ids) + r.sampling.max_new_tokens, cfg.max_position)
