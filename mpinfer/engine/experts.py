@@ -19,7 +19,7 @@ import dataclasses
 import numpy as np
 
 from ..errors import UserError
-from ..io.results import _open
+from ..io.results import open_results
 from . import dispatch
 
 ROUTING_PROMPTS = 64
@@ -99,7 +99,7 @@ def metrics(moe_arrays):
 
 def load_from_file(path, cfg):
     """{layer: (E,) load} from /moe/expert_load of an earlier results file (rank 0, at start)."""
-    with _open(path) as f:
+    with open_results(path) as f:
         if "moe/expert_load" not in f:
             raise UserError(f"moe.load_from: {path} holds no /moe/expert_load (not a run of an MoE model)")
         layers, load = f["moe/layers"][()], f["moe/expert_load"][()]

@@ -92,7 +92,7 @@ class ResultsFile:
         self._on_disk = os.path.exists(self.path) and not overwrite  # flushes extend `path`
         if not self._on_disk:
             return
-        with _open(self.path, " (use --overwrite to replace it)") as f:
+        with open_results(self.path, " (use --overwrite to replace it)") as f:
             held = json.loads(f.attrs["fingerprint"])
             differ = sorted(k for k in held.keys() | self.fingerprint.keys()
                             if held.get(k) != self.fingerprint.get(k))
@@ -208,7 +208,7 @@ def lock(path):
     return fd
 
 
-def _open(path, hint=""):
+def open_results(path, hint=""):
     """Open an existing results file read-only; UserError (ending with `hint`) if it is not one."""
     try:
         f = h5py.File(path, "r")
@@ -298,7 +298,7 @@ def _plain(value):
 def read_rows(path) -> dict:
     """Every dataset of /requests: strings as lists of str, ragged columns as lists of 1-D arrays,
     scalar columns as arrays. UserError if `path` is not a results file."""
-    with _open(path) as f:
+    with open_results(path) as f:
         rows = {}
         for name, ds in f["requests"].items():
             base = h5py.check_vlen_dtype(ds.dtype)
@@ -316,7 +316,7 @@ def summary(path) -> dict:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file")
-    with _open(path) as f:
+    with open_results(path) as f:
         attrs = {name: _plain(value) for name, value in f.attrs.items()}
         requests = f["requests"]
         out = {
