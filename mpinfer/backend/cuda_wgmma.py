@@ -58,7 +58,9 @@ def smem_bytes(bn):
     return STAGES[bn] * (BM + bn) * BK * 2 + STAGES[bn] * 16 + 1024
 
 
-@lru_cache(maxsize=256)  # weights hit every time; activations while their buffer is reused
+# weights hit every time (room for MoE models' thousands of expert matrices), activations
+# while the memory pool hands their buffer out again
+@lru_cache(maxsize=4096)
 def tensor_map(ptr, rows, K, box_rows):
     """The CUtensorMap of a row-major bf16 (rows, K) matrix at device address ptr, read in
     boxes of box_rows x 64 into the 128B swizzle, out-of-bounds elements zero-filled, as a
