@@ -57,9 +57,12 @@
 //
 // Launch: grid (min(tiles, SMs), 1, 1), block (384, 1, 1), dynamic shared memory as above
 // (opt-in beyond 48 KB); compiled for sm_90a only (wgmma, setmaxnreg): kernels.py's ARCH_SUFFIX.
-// Checked by bench/gpu/check_gemm.py (rows "gemm_wgmma"): relative error against float32
-// products of the same bf16 inputs, output poisoned with NaN first, timed against
+// Checked by bench/gpu/check.py: first alone in a child process (check_gemm.probe: ragged
+// shapes, bias, SwiGLU), then check_gemm.py's rows "gemm wgmma": relative error against
+// float32 products of the same bf16 inputs, output poisoned with NaN first, timed against
 // torch.matmul in bf16 (cuBLAS) and beside the mma.sync kernel (gemm.cu) in the same run.
+// CPU checks (tests/test_wgmma.py): the sm_90a cubin's SASS has HGMMA, UTMALDG and
+// USETMAXREG and no local memory (ptxas: 168 registers at entry, 0 bytes spilled).
 #include "common.cuh"
 
 #define WG_BM 128

@@ -58,6 +58,7 @@ def gpu(monkeypatch):
     state.launches as (file, kernel, grid, block, shared_mem, args); tensor maps as
     ("map", rows, K, box rows); state.build_error makes loading gemm_wgmma fail."""
     state = types.SimpleNamespace(cc="90", launches=[], build_error=None)
+    monkeypatch.delenv("MPINFER_NO_WGMMA", raising=False)
     device = lambda: types.SimpleNamespace(compute_capability=state.cc,  # noqa: E731
                                            attributes={"MultiProcessorCount": 132})
     monkeypatch.setattr(cuda_wgmma, "cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(Device=device)))
@@ -109,6 +110,13 @@ def test_other_gpus_run_mma_sync(gpu):
     assert cuda_gemm.prefill_path() == "mma.sync"
     cuda_gemm.gemm(_bits(17, 64), _bits(300, 64), out=np.empty((17, 300), np.float32))
     assert [launch[:2] for launch in gpu.launches] == [("gemm", "gemm_bf16_128x128")]
+
+
+def test_no_wgmma_environment_keeps_hopper_on_mma_sync(gpu, monkeypatch):
+    monkeypatch.setenv("MPINFER_NO_WGMMA", "1")  # what bench/gpu/check.py sets when the kernel fails its probe
+    assert cuda_gemm.prefill_path() == "mma.sync"
+    cuda_gemm.gemm(_bits(17, 64), _bits(300, 64), out=np.empty((17, 300), np.float32))
+    assert [launch[0] for launch in gpu.launches] == ["gemm"]
 
 
 def test_a_failed_sm90a_build_falls_back_with_one_line(gpu, capsys):

@@ -23,7 +23,7 @@ import traceback
 import cupy
 import numpy as np
 
-from mpinfer.backend import cuda_gemm, cuda_wgmma
+from mpinfer.backend import cuda_gemm, cuda_wgmma, kernels
 from mpinfer.backend.cuda_gemm import GEMV_MAX_M, gemm, gemv_plan, prefill_path
 from mpinfer.backend.numpy_backend import NumpyBackend
 from util import bits_to_f32, copy_bandwidth, poisoned, rel_err, result, time_us
@@ -45,6 +45,7 @@ PREFILL = [  # (M, N, K, bias, swiglu): NumPy reference up to 2^34 multiply-adds
     (8192, 8192, 8192, False, False), (4096, 14336, 4096, False, False),
     (1000, 4100, 4096, True, False),  # ragged M and N: partial tiles both ways
     (4096, 2 * 14336, 4096, False, True), (1000, 2 * 1000, 1000, True, True)]  # SwiGLU; K = 1000: partial K tile
+PROBE = [(300, 1001, 520, True, False), (1000, 4100, 4096, True, False), (500, 2 * 600, 264, True, True)]
 DECODE = [(m, n, k) for m in (1, 4, 16) for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (49152, 576))]
 
 
@@ -160,6 +161,7 @@ def _prefill(rng, M, N, K, with_bias, swiglu):
     bb = b if b is not None else cuda_gemm.null()
     shape = (M, N // 2) if swiglu else (M, N)
     if swiglu:  # only the wgmma kernel has the fused epilogue
+        kernels.require(cuda_wgmma.available(), "the wgmma kernel is off here (see the gemm path row)")
         run = lambda out: cuda_wgmma.gemm(a, w, bb, out, swiglu=True)  # noqa: E731
         name = "gemm_wgmma swiglu"
     else:
@@ -182,6 +184,20 @@ def _prefill(rng, M, N, K, with_bias, swiglu):
     if "mma_sync_us" in row:
         row["mma_sync_ratio"] = base / row["mma_sync_us"]
     return row
+
+
+def probe(rng):
+    """The wgmma kernel alone on ragged shapes (partial tiles, K tails, bias, SwiGLU) against
+    NumPy, untimed: check.py runs this in a child process before anything else uses it."""
+    rows = []
+    for M, N, K, with_bias, swiglu in PROBE:
+        a, w, b = _inputs(rng, M, N, K, with_bias)
+        ref = _numpy_ref(a, w, b)
+        out = poisoned((M, N // 2) if swiglu else (M, N))
+        cuda_wgmma.gemm(a, w, b if with_bias else cuda_gemm.null(), out, swiglu=swiglu)
+        rows.append(result("gemm_wgmma" + " swiglu" * swiglu, [M, N, K], out.get(), _swiglu(ref) if swiglu else ref,
+                           bias=with_bias))
+    return rows
 
 
 def _path():

@@ -1,7 +1,8 @@
 """The Hopper prefill GEMM: kernels_cuda/gemm_wgmma.cu (wgmma + TMA, sm_90a; its header is
 the manual). cuda_gemm.gemm() runs it for M > GEMV_MAX_M where available(): on compute
-capability 9.0 when the sm_90a build loads. Elsewhere, or when that build fails (one line
-on stderr), the mma.sync kernel of gemm.cu runs instead.
+capability 9.0 when the sm_90a build loads. Elsewhere, when that build fails (one line on
+stderr), or with MPINFER_NO_WGMMA=1 in the environment (bench/gpu/check.py sets it when the
+kernel fails its first check), the mma.sync kernel of gemm.cu runs instead.
 
 The operands reach the kernel as tensor maps (CUtensorMap, 128 bytes, encoded on the host
 by cuTensorMapEncodeTiled), passed by value: no device memory is written before a launch,
@@ -9,6 +10,7 @@ so launches stay asynchronous and can be captured in CUDA graphs.
 """
 
 import ctypes
+import os
 import sys
 from functools import lru_cache
 
@@ -25,8 +27,9 @@ _MAP = np.dtype((np.void, 128))  # a CUtensorMap's bytes; CuPy passes a size-one
 @lru_cache(maxsize=None)
 def available():
     """True when this device runs the wgmma kernels: compute capability 9.0 (H100, H200) and
-    gemm_wgmma.cu built for sm_90a and loaded. A failed build says so once on stderr."""
-    if cupy.cuda.Device().compute_capability != "90":
+    gemm_wgmma.cu built for sm_90a and loaded, unless MPINFER_NO_WGMMA is set. A failed build
+    says so once on stderr."""
+    if os.environ.get("MPINFER_NO_WGMMA") or cupy.cuda.Device().compute_capability != "90":
         return False
     try:
         kernels.module("gemm_wgmma")
