@@ -13,7 +13,7 @@
 //   gemm_wgmma_128x256, gemm_wgmma_swiglu_128x256: 4 stages, wgmma m64n256k16
 //   gemm_wgmma_128x128, gemm_wgmma_swiglu_128x128: 6 stages, wgmma m64n128k16, for
 //       problems whose 128x256 tiles would fill the SMs in more waves of the twice-longer tile
-//       (the wrapper's choice: mpinfer/backend/cuda_gemm.py)
+//       (the wrapper's choice: plan() in mpinfer/backend/cuda_wgmma.py)
 //
 // Block: 3 warpgroups (384 threads), warp-specialized.
 //   warpgroup 0, the producer: setmaxnreg.dec to 40 registers; one thread issues the bulk
@@ -56,7 +56,7 @@
 // an error instead of hanging the process.
 //
 // Launch: grid (min(tiles, SMs), 1, 1), block (384, 1, 1), dynamic shared memory as above
-// (opt-in beyond 48 KB); compiled for sm_90a only (wgmma, setmaxnreg): kernels.py's ARCH_SUFFIX.
+// (opt-in beyond 48 KB); built for sm_90a only (wgmma, setmaxnreg): kernels.ARCH_SPECIFIC.
 // Checked by bench/gpu/check.py: first alone in a child process (check_gemm.probe: ragged
 // shapes, bias, SwiGLU), then check_gemm.py's rows "gemm wgmma": relative error against
 // float32 products of the same bf16 inputs, output poisoned with NaN first, timed against
