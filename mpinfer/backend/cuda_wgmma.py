@@ -27,13 +27,15 @@ _MAP = np.dtype((np.void, 128))  # a CUtensorMap's bytes; CuPy passes a size-one
 @lru_cache(maxsize=None)
 def available():
     """True when this device runs the wgmma kernels: compute capability 9.0 (H100, H200) and
-    gemm_wgmma.cu built for sm_90a and loaded, unless MPINFER_NO_WGMMA is set. A failed build
-    says so once on stderr."""
+    gemm_wgmma.cu built for sm_90a, its kernels loaded with their shared memory granted, unless
+    MPINFER_NO_WGMMA is set. A failure says so once on stderr."""
     if os.environ.get("MPINFER_NO_WGMMA") or cupy.cuda.Device().compute_capability != "90":
         return False
     try:
-        kernels.module("gemm_wgmma")
-    except Exception as e:  # the compiler's error (KernelError) or the driver refusing the cubin
+        for bn in STAGES:
+            for kind in ("", "swiglu_"):
+                kernels.function("gemm_wgmma", f"gemm_wgmma_{kind}128x{bn}", smem_bytes(bn))
+    except Exception as e:  # the compiler's error (KernelError), or the driver refusing the cubin or the opt-in
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         print(f"mpinfer: gemm_wgmma.cu (sm_90a) unavailable, prefill GEMMs use mma.sync: {first}", file=sys.stderr,
               flush=True)
