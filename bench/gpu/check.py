@@ -177,7 +177,8 @@ def summary(report):
           f"{report.get('device', {}).get('copy_bandwidth_GBps', 0):.0f} GB/s")
     for r in report.get("kernels", []):
         if isinstance(r, dict):
-            timing = " ".join(f"{k}={r[k]:.3g}" for k in ("us", "ratio", "bw_frac") if isinstance(r.get(k), (int, float)))
+            timing = " ".join(f"{k}={r[k]:.3g}" for k in ("us", "ratio", "mma_sync_ratio", "bw_frac")
+                              if isinstance(r.get(k), (int, float)))
             err = r.get("rel_err", r.get("mismatches", ""))
             print(f"{'ok ' if r.get('ok') else 'BAD'} {r.get('kernel', '?'):28.28} {str(r.get('shape', '')):34.34} "
                   f"err={err if isinstance(err, str) else f'{err:.2e}'} {timing}"
