@@ -133,6 +133,9 @@ def test_swiglu_kernel_and_its_precondition(gpu):
     assert kernel == "gemm_wgmma_swiglu_128x128" and args[3] is out and args[4:] == (1000, 2000, 64)
     with pytest.raises(kernels.KernelError, match="N = 2001 is odd"):
         cuda_wgmma.gemm(_bits(1000, 64), _bits(2001, 64), cuda_gemm.null(), out, swiglu=True)
+    with pytest.raises(kernels.KernelError, match=r"out must be \(1000, 1000\), got \(1000, 2000\)"):
+        cuda_wgmma.gemm(_bits(1000, 64), _bits(2000, 64), cuda_gemm.null(), np.empty((1000, 2000), np.float32),
+                        swiglu=True)
 
 
 @pytest.mark.parametrize("M, N, plan", [

@@ -86,9 +86,12 @@ def tensor_map(ptr, rows, K, box_rows):
 def gemm(a, w, b, out, swiglu=False):
     """out = a @ w.T + b (M, N), or with swiglu silu(gate) * up of its interleaved column
     pairs (M, N/2), on the wgmma kernel. a (M, K), w (N, K) uint16 bf16 bits, b float32 (N,)
-    or a null pointer: checked by cuda_gemm (C-contiguous, K % 8 == 0, 16-byte aligned)."""
+    or a null pointer, out float32: checked by cuda_gemm (C-contiguous, K % 8 == 0, 16-byte
+    aligned)."""
     (M, K), N = a.shape, w.shape[0]
     kernels.require(not swiglu or N % 2 == 0, f"gemm: swiglu needs interleaved gate/up rows, N = {N} is odd")
+    shape = (M, N // 2) if swiglu else (M, N)
+    kernels.require(out.shape == shape, f"gemm: out must be {shape}, got {out.shape}")
     bn, tiles = plan(M, N, sms())
     smem = smem_bytes(bn)
     f = kernels.function("gemm_wgmma", f"gemm_wgmma_{'swiglu_' if swiglu else ''}128x{bn}", smem)
