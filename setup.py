@@ -26,9 +26,10 @@ setup(
         "gpu": ["cupy-cuda12x", "nvidia-nccl-cu12", "cuda-bindings>=12.9,<13", "nvidia-cuda-nvrtc-cu12"],
         # transformers on CPU is the reference the tests compare against; torch is pinned
         # to the CPU build (an unpinned torch pulls a CUDA build of several GB).
-        # NVRTC (no GPU needed): the tests compile every kernel to an sm_90 cubin.
+        # NVRTC (no GPU needed): the tests compile every kernel to an sm_90 cubin; nvdisasm
+        # (a 5 MB wheel) lets them read the wgmma kernel's machine code.
         "test": ["pytest", "torch==2.13.0", "transformers>=5,<6", "accelerate", "mpich", "cuda-bindings>=12.9,<13",
-                 "nvidia-cuda-nvrtc-cu12"],
+                 "nvidia-cuda-nvrtc-cu12", "nvidia-cuda-nvdisasm"],
     },
     entry_points={"console_scripts": ["mpinfer=mpinfer.cli:main"]},
 )

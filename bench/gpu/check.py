@@ -52,16 +52,37 @@ def compile_all():
     """Every kernel file to a cubin for this device, with NVRTC's time (the cache is cold)."""
     from mpinfer.backend import kernels as k
 
-    arch = f"sm_{cupy.cuda.Device().compute_capability}"
+    cc = cupy.cuda.Device().compute_capability
     out = {}
     for name in k.names():
         t = time.perf_counter()
         try:
-            k.compile_cubin(name, arch)
+            k.compile_cubin(name, k.arch(name, cc))
             out[name] = {"ok": True, "seconds": time.perf_counter() - t}
         except Exception as e:
             out[name] = {"ok": False, "error": str(e)[-2000:]}
-    return {"arch": arch, "files": out, "ok": all(v["ok"] for v in out.values())}
+    return {"arch": f"sm_{cc}", "files": out, "ok": all(v["ok"] for v in out.values())}
+
+
+def wgmma_probe():
+    """The backend's Hopper GEMM (gemm_wgmma.cu) on a few shapes in a child process first: a
+    kernel that traps or faults takes its process's CUDA context with it. When the probe
+    fails, MPINFER_NO_WGMMA=1 puts the rest of this run (and its child jobs) on mma.sync."""
+    if cupy.cuda.Device().compute_capability != "90":
+        return {"ok": True, "skipped": "not a Hopper GPU"}
+    code = "import json, numpy, check_gemm; print(json.dumps(check_gemm.probe(numpy.random.default_rng(0))))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+        rows = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else []
+        out = {"rc": p.returncode, "rows": rows, "tail": (p.stdout + p.stderr)[-1500:]}
+    except subprocess.TimeoutExpired:
+        rows, out = [], {"rc": "timed out after 120 s"}
+    out["ok"] = bool(rows) and all(r["ok"] for r in rows)
+    if not out["ok"]:
+        os.environ["MPINFER_NO_WGMMA"] = "1"
+        out["fallback"] = "MPINFER_NO_WGMMA=1: the rest of this run uses mma.sync"
+    return out
 
 
 def kernels(rng):
@@ -129,7 +150,7 @@ def main(path, quick=False, only=()):
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node()}
     t0 = time.perf_counter()
     smol, big, small = WORK / "smollm2-shaped", WORK / "llama3-8b-shaped-2layers", WORK / "tp2-model"
-    sections = [("device", device_info), ("compile", compile_all),
+    sections = [("device", device_info), ("compile", compile_all), ("wgmma_probe", wgmma_probe),
                 ("e2e_smollm2_shaped", lambda: e2e.compare(models.write_model(smol, models.SMOLLM2), "cuda")),
                 ("kernels", lambda: kernels(np.random.default_rng(int(time.time())))), ("nccl", nccl)]
     if not quick:
@@ -156,15 +177,16 @@ def summary(report):
           f"{report.get('device', {}).get('copy_bandwidth_GBps', 0):.0f} GB/s")
     for r in report.get("kernels", []):
         if isinstance(r, dict):
-            timing = " ".join(f"{k}={r[k]:.3g}" for k in ("us", "ratio", "bw_frac") if isinstance(r.get(k), (int, float)))
+            timing = " ".join(f"{k}={r[k]:.3g}" for k in ("us", "ratio", "mma_sync_ratio", "bw_frac")
+                              if isinstance(r.get(k), (int, float)))
             err = r.get("rel_err", r.get("mismatches", ""))
             print(f"{'ok ' if r.get('ok') else 'BAD'} {r.get('kernel', '?'):28.28} {str(r.get('shape', '')):34.34} "
                   f"err={err if isinstance(err, str) else f'{err:.2e}'} {timing}"
                   + (f" ERROR {r['error'][-200:]!r}" if r.get("error") else ""))
-    for name in ("compile", "nccl", "e2e_smollm2_shaped", "e2e_llama3_8b_shaped", "tp2_job"):
+    for name in ("compile", "wgmma_probe", "nccl", "e2e_smollm2_shaped", "e2e_llama3_8b_shaped", "tp2_job"):
         s = report.get(name, {})
         brief = {k: s[k] for k in ("ok", "tokens_equal", "tokens_total", "prefill_logits_rel_err", "gpu_generate_s",
-                                   "numpy_generate_s", "transport") if k in s}
+                                   "numpy_generate_s", "transport", "fallback") if k in s}
         print(name, brief, (s.get("error") or "")[-600:])
 
 

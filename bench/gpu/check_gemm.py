@@ -1,4 +1,6 @@
-"""GPU check of the linear-layer kernels (mpinfer/backend/cuda_gemm.py: gemm.cu, gemv.cu).
+"""GPU check of the linear-layer kernels (mpinfer/backend/cuda_gemm.py: gemm.cu, gemm_wgmma.cu,
+gemv.cu). Rows of M > 16 are named after the path the backend's gemm() takes on this device
+(prefill_path(): "wgmma" on Hopper, else "mma.sync"); one row says which it is.
 
 Correctness: C = A W^T (+ b) against NumpyBackend().linear on the same bf16-rounded
 inputs for small and ragged shapes (M in 1, 3, 16, 17, 100, 1000; N, K not multiples of
@@ -8,9 +10,12 @@ A ~ N(0, 1), W ~ N(0, 1/K), b ~ N(0, 1): outputs are O(1).
 
 Timing (CUDA events, of calls replayed from CUDA graphs: a Python call costs as long as
 a 1024^3 or decode-shaped kernel; decode shapes cycle through copies of W over 3x the L2
-so W is read from memory): prefill shapes against torch.matmul in bf16 (cuBLAS),
-ratio = torch_us / us and TFLOP/s of both; decode shapes (M <= 16) as bw_frac = (W + A + C bytes) / time / copy
-bandwidth, with the torch.matmul time beside it.
+so W is read from memory): prefill shapes (square 1024..8192, Llama-3-8B's MLP, ragged M
+and N with a bias, and the wgmma kernel's fused SwiGLU epilogue) against torch.matmul in
+bf16 (cuBLAS), ratio = torch_us / us and TFLOP/s of both, with the mma.sync kernel's time
+and error beside the backend's path (mma_sync_*; not for SwiGLU, which only wgmma has);
+decode shapes (M <= 16) as bw_frac = (W + A + C bytes) / time / copy bandwidth, with the
+torch.matmul time beside it.
 """
 
 import traceback
@@ -18,9 +23,10 @@ import traceback
 import cupy
 import numpy as np
 
-from mpinfer.backend.cuda_gemm import GEMV_MAX_M, gemm, gemv_plan
+from mpinfer.backend import cuda_gemm, cuda_wgmma, kernels
+from mpinfer.backend.cuda_gemm import GEMV_MAX_M, gemm, gemv_plan, prefill_path
 from mpinfer.backend.numpy_backend import NumpyBackend
-from util import bits_to_f32, copy_bandwidth, poisoned, result, time_us
+from util import bits_to_f32, copy_bandwidth, poisoned, rel_err, result, time_us
 
 CHECKS = [  # (M, N, K, bias): NumPy reference
     (1, 576, 1536, True),
@@ -34,7 +40,12 @@ CHECKS = [  # (M, N, K, bias): NumPy reference
     (300, 1001, 1536, True),
     (1000, 4096, 4096, True),
 ]
-PREFILL = [(1024, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 4096), (8192, 8192, 8192), (4096, 14336, 4096)]
+PREFILL = [  # (M, N, K, bias, swiglu): NumPy reference up to 2^34 multiply-adds, else float32 on the GPU
+    (1024, 1024, 1024, False, False), (2048, 2048, 2048, False, False), (4096, 4096, 4096, False, False),
+    (8192, 8192, 8192, False, False), (4096, 14336, 4096, False, False),
+    (1000, 4100, 4096, True, False),  # ragged M and N: partial tiles both ways
+    (4096, 2 * 14336, 4096, False, True), (1000, 2 * 1000, 1000, True, True)]  # SwiGLU; K = 1000: partial K tile
+PROBE = [(300, 1001, 520, True, False), (1000, 4100, 4096, True, False), (500, 2 * 600, 264, True, True)]
 DECODE = [(m, n, k) for m in (1, 4, 16) for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (49152, 576))]
 
 
@@ -112,7 +123,7 @@ def _weight_copies(w):
 
 def _name(M, N, K):
     """The kernel the wrapper launches for this shape."""
-    return gemv_plan(N, K)[0] if M <= GEMV_MAX_M else "gemm_bf16"
+    return gemv_plan(N, K)[0] if M <= GEMV_MAX_M else f"gemm {prefill_path()}"
 
 
 def _row(kernel, shape, fn):
@@ -128,17 +139,71 @@ def _check(rng, M, N, K, with_bias):
     return result(_name(M, N, K), [M, N, K], out.get(), ref, bias=with_bias)
 
 
-def _prefill(rng, M, N, K):
-    a, w, b = _inputs(rng, M, N, K, False)
-    out, ref = _checked(a, w, b, _gpu_ref)
-    err = float(cupy.linalg.norm(out - ref) / cupy.linalg.norm(ref)) if bool(cupy.isfinite(out).all()) else float("inf")
-    del out, ref
-    us = _graph_us([lambda: gemm(a, w)], reps=5)
+def _swiglu(y):
+    """silu(y[:, 2i]) * y[:, 2i+1]: the reference of the fused epilogue (numpy or cupy)."""
+    gate, up = y[:, 0::2], y[:, 1::2]
+    return gate / (1 + (cupy.get_array_module(y)).exp(-gate)) * up
+
+
+def _err(out, ref):
+    """||out - ref|| / ||ref|| (inf where out has a NaN), ref numpy or cupy."""
+    if isinstance(ref, np.ndarray):
+        return rel_err(out.get(), ref)
+    if not bool(cupy.isfinite(out).all()):
+        return float("inf")
+    return float(cupy.linalg.norm(out - ref) / cupy.linalg.norm(ref))
+
+
+def _prefill(rng, M, N, K, with_bias, swiglu):
+    a, w, b = _inputs(rng, M, N, K, with_bias)
+    ref = (_numpy_ref if M * N * K <= 1 << 34 else _gpu_ref)(a, w, b)
+    ref = _swiglu(ref) if swiglu else ref
+    bb = b if b is not None else cuda_gemm.null()
+    shape = (M, N // 2) if swiglu else (M, N)
+    if swiglu:  # only the wgmma kernel has the fused epilogue
+        kernels.require(cuda_wgmma.available(), "the wgmma kernel is off here (see the gemm path row)")
+        run = lambda out: cuda_wgmma.gemm(a, w, bb, out, swiglu=True)  # noqa: E731
+        name = "gemm_wgmma swiglu"
+    else:
+        run = lambda out: gemm(a, w, b, out=out)  # noqa: E731
+        name = f"gemm {prefill_path()}"
+    out = poisoned(shape)
+    run(out)
+    row = {"kernel": name, "shape": [M, N, K], "bias": with_bias, "rel_err": _err(out, ref)}
+    us = _graph_us([lambda: run(out)], reps=5)
+    if not swiglu:  # the mma.sync kernel (gemm.cu) on the same inputs, whatever path gemm() took
+        out = poisoned(shape)
+        cuda_gemm._gemm(a, w, bb, out, M, N, K)
+        row["mma_sync_rel_err"] = _err(out, ref)
+        row["mma_sync_us"] = _graph_us([lambda: cuda_gemm._gemm(a, w, bb, out, M, N, K)], reps=5)
     base = _torch_us(a, [w], reps=5)
     flop = 2.0 * M * N * K
-    return {"kernel": "gemm_bf16", "shape": [M, N, K], "rel_err": err, "ok": bool(err < 1e-2), "us": us,
-            "baseline": "torch.matmul bf16", "baseline_us": base, "ratio": base / us, "tflops": flop / us / 1e6,
-            "baseline_tflops": flop / base / 1e6}
+    row.update(ok=bool(row["rel_err"] < 1e-2 and row.get("mma_sync_rel_err", 0) < 1e-2), us=us,
+               baseline="torch.matmul bf16", baseline_us=base, ratio=base / us, tflops=flop / us / 1e6,
+               baseline_tflops=flop / base / 1e6)
+    if "mma_sync_us" in row:
+        row["mma_sync_ratio"] = base / row["mma_sync_us"]
+    return row
+
+
+def probe(rng):
+    """The wgmma kernel alone on ragged shapes (partial tiles, K tails, bias, SwiGLU) against
+    NumPy, untimed: check.py runs this in a child process before anything else uses it."""
+    rows = []
+    for M, N, K, with_bias, swiglu in PROBE:
+        a, w, b = _inputs(rng, M, N, K, with_bias)
+        ref = _numpy_ref(a, w, b)
+        out = poisoned((M, N // 2) if swiglu else (M, N))
+        cuda_wgmma.gemm(a, w, b if with_bias else cuda_gemm.null(), out, swiglu=swiglu)
+        rows.append(result("gemm_wgmma" + " swiglu" * swiglu, [M, N, K], out.get(), _swiglu(ref) if swiglu else ref,
+                           bias=with_bias))
+    return rows
+
+
+def _path():
+    """Which GEMM the backend runs for M > 16 here; on Hopper anything but wgmma is a failure."""
+    path, cc = prefill_path(), cupy.cuda.Device().compute_capability
+    return {"kernel": f"gemm path: {path}", "path": path, "compute_capability": cc, "ok": path == "wgmma" or cc != "90"}
 
 
 def _decode(rng, M, N, K):
@@ -162,7 +227,9 @@ def _empty(rng):
 
 def run(rng):
     rows = [_row(_name(m, n, k), [m, n, k], lambda: _check(rng, m, n, k, bias)) for m, n, k, bias in CHECKS]
-    rows += [_row("gemm_bf16", [m, n, k], lambda: _prefill(rng, m, n, k)) for m, n, k in PREFILL]
+    rows.append(_row("gemm path", [], _path))
+    rows += [_row(f"gemm {'swiglu' if sw else prefill_path()}", [m, n, k], lambda: _prefill(rng, m, n, k, bias, sw))
+             for m, n, k, bias, sw in PREFILL]
     rows += [_row(_name(m, n, k), [m, n, k], lambda: _decode(rng, m, n, k)) for m, n, k in DECODE]
     rows.append(_row("gemm (no rows)", [0, 576, 1536], lambda: _empty(rng)))
     cupy.get_default_memory_pool().free_all_blocks()

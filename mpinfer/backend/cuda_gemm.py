@@ -1,14 +1,16 @@
 """Linear layers on the GPU: C = A W^T (+ bias) with bf16 inputs and float32 output.
 
-Two kernels (kernels_cuda/gemm.cu, kernels_cuda/gemv.cu; their headers are the manuals):
-decode-shaped products (M <= 16 rows) are memory-bound on W and go to the skinny gemv
-kernel; anything taller goes to the tensor-core GEMM.
+Three kernel files (kernels_cuda/gemm.cu, gemm_wgmma.cu, gemv.cu; their headers are the
+manuals): decode-shaped products (M <= 16 rows) are memory-bound on W and go to the skinny
+gemv kernel; anything taller goes to a tensor-core GEMM: on Hopper the wgmma + TMA kernel
+(cuda_wgmma.py), elsewhere (or when its sm_90a build fails) the mma.sync one. prefill_path()
+says which.
 """
 
 import cupy
 import numpy as np
 
-from . import kernels
+from . import cuda_wgmma, kernels
 
 GEMV_MAX_M = 16
 SMS = 132  # H100 / H200 multiprocessors: the grids below are sized to fill them
@@ -76,9 +78,17 @@ def gemm(a, w, bias=None, out=None):
     b = bias if bias is not None else null()
     if M <= GEMV_MAX_M:
         _gemv(a, w, b, out, M, N, K)
+    elif cuda_wgmma.available():
+        cuda_wgmma.gemm(a, w, b, out)
     else:
         _gemm(a, w, b, out, M, N, K)
     return out
+
+
+def prefill_path():
+    """The GEMM gemm() runs for M > GEMV_MAX_M on this device: "wgmma" (gemm_wgmma.cu, compute
+    capability 9.0) or "mma.sync" (gemm.cu)."""
+    return "wgmma" if cuda_wgmma.available() else "mma.sync"
 
 
 def _gemm(a, w, b, out, M, N, K):

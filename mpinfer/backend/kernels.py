@@ -1,7 +1,8 @@
 """Compiling and loading the CUDA kernels of kernels_cuda/.
 
 Every .cu file compiles with NVRTC to a cubin for the device's architecture (sm_90 on
-H100/H200), once per process and once per cache folder: the cubin is kept under
+H100/H200; sm_90a for the files in ARCH_SPECIFIC, which use Hopper-only instructions),
+once per process and once per cache folder: the cubin is kept under
 `cache_dir()` by a hash of the sources, options and NVRTC version, so the ranks of a node
 compile each file once between them (written to a temporary name, then renamed, so a
 reader never sees half a file). CI compiles the same way without a GPU (cubin, not PTX:
@@ -20,6 +21,9 @@ from ..errors import UserError
 
 KERNELS = Path(__file__).resolve().parents[2] / "kernels_cuda"
 OPTIONS = ("-std=c++17", "--use_fast_math")
+# files built for the architecture-specific target (sm_90a: wgmma, setmaxnreg), which runs
+# only on that exact compute capability; the wrappers use them only there (cuda_wgmma.py)
+ARCH_SPECIFIC = {"gemm_wgmma"}
 
 
 class KernelError(UserError):
@@ -35,6 +39,11 @@ def cache_dir():
 def names():
     """The kernel files, without .cu."""
     return sorted(p.stem for p in KERNELS.glob("*.cu"))
+
+
+def arch(name, compute_capability):
+    """The NVRTC -arch of kernels_cuda/{name}.cu on a device of this compute capability ("90")."""
+    return f"sm_{compute_capability}" + ("a" if name in ARCH_SPECIFIC else "")
 
 
 def _nvrtc():
@@ -98,8 +107,8 @@ def module(name):
     """cupy.RawModule of kernels_cuda/{name}.cu for the current device (compiled once per process)."""
     import cupy
 
-    arch = f"sm_{cupy.cuda.Device().compute_capability}"  # compute_capability: "90" on Hopper
-    return cupy.RawModule(path=str(cached_cubin(name, arch)))
+    cc = cupy.cuda.Device().compute_capability  # "90" on Hopper
+    return cupy.RawModule(path=str(cached_cubin(name, arch(name, cc))))
 
 
 @lru_cache(maxsize=None)
