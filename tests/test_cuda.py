@@ -159,7 +159,8 @@ def _fake_job(ranks, job, **env):
 
 @pytest.mark.parametrize("arch, layouts", [("llama", [(2, {"tp": 2}), (2, {"pp": 2}), (4, {"tp": 2, "pp": 2}),
                                                      (2, {"tp": 2, "sp": True})]),
-                                           ("mixtral", [(2, {"tp": 2, "ep": 2}), (4, {"tp": 2, "ep": 4})])])
+                                           ("mixtral", [(2, {"tp": 2, "ep": 2}), (4, {"tp": 2, "ep": 4})]),
+                                           ("llama_gguf.Q4_1", [(2, {"tp": 2})])])
 def test_cuda_backend_jobs_under_mpi(fake_gpu, tiny_model, tmp_path, arch, layouts):
     """mpinfer run with engine.backend = "cuda" (the stand-in GPU, one for all ranks, so TP
     groups are host-staged MPI as on the one-GPU test machine), max_batch_tokens 64 so that
@@ -168,13 +169,23 @@ def test_cuda_backend_jobs_under_mpi(fake_gpu, tiny_model, tmp_path, arch, layou
     all-reduce adds in another order) can move an activation by one bf16 step. Hence each
     request's tokens equal one rank's up to a first difference, only where one rank's top
     two log-probabilities are within 0.3 (the tiny models' bf16 noise on logits), and the
-    log-probabilities before it agree within 0.1."""
+    log-probabilities before it agree within 0.1. "arch.QTYPE": that model as a GGUF
+    quantized QTYPE, its linears kept in their blocks (under tp 2 the column-parallel ones;
+    the row-parallel slices of 48 and 80 columns are not whole 32-blocks: bf16)."""
     from test_run import read_rows, write_job
 
+    if "." in arch:
+        import gguf
+        from gguf_writer import write_gguf
+
+        name, qtype = arch.split(".")
+        model = write_gguf(tiny_model(name), str(tmp_path / "m.gguf"), gguf.GGMLQuantizationType[qtype], vocab=True)
+    else:
+        model = tiny_model(arch)
     lines = [{"id": f"r{i}", "input_ids": list(range(3 + i, 3 + i + n))} for i, n in enumerate([5, 40, 90, 7, 12, 130])]
     outputs = []
     for ranks, parallel in [(1, {}), *layouts]:
-        job, out = write_job(tmp_path / f"{ranks}-{len(outputs)}", tiny_model(arch), lines, engine={"backend": "cuda"},
+        job, out = write_job(tmp_path / f"{ranks}-{len(outputs)}", model, lines, engine={"backend": "cuda"},
                              parallel=parallel, sampling={"logprobs": 2})
         p = _fake_job(ranks, job)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
