@@ -3,8 +3,8 @@
 Tensor names are mapped to the Hugging Face ones; quantized tensors (Q8_0, Q4_0, Q4_1, the
 K-quants, ...) are dequantized row range by row range with `gguf.quants.dequantize`, or,
 for a backend that keeps Q8_0 / Q4_0 / Q4_1 weights as they are, handed out as their raw
-blocks (quant.QuantTensor). GGUF shapes are written innermost-first: a Hugging Face (out, in) linear is GGUF [in, out] and
-reads here as numpy (out, in).
+blocks (quant.QuantTensor). GGUF shapes are written innermost-first: a Hugging Face
+(out, in) linear is GGUF [in, out] and reads here as numpy (out, in).
 
 Mixtral (written as llama, with llama.expert_count): the router is `ffn_gate_inp` and each
 layer's experts are stacked into one tensor per projection, numpy (E, I, D) for gate and up,
