@@ -1,9 +1,10 @@
 """GGUF checkpoints (llama.cpp's format) through the `gguf` library.
 
 Tensor names are mapped to the Hugging Face ones; quantized tensors (Q8_0, Q4_0, Q4_1, the
-K-quants, ...) are dequantized row range by row range with `gguf.quants.dequantize`. GGUF
-shapes are written innermost-first: a Hugging Face (out, in) linear is GGUF [in, out] and
-reads here as numpy (out, in).
+K-quants, ...) are dequantized row range by row range with `gguf.quants.dequantize`, or,
+for a backend that keeps Q8_0 / Q4_0 / Q4_1 weights as they are, handed out as their raw
+blocks (quant.QuantTensor). GGUF shapes are written innermost-first: a Hugging Face
+(out, in) linear is GGUF [in, out] and reads here as numpy (out, in).
 
 Mixtral (written as llama, with llama.expert_count): the router is `ffn_gate_inp` and each
 layer's experts are stacked into one tensor per projection, numpy (E, I, D) for gate and up,
@@ -22,6 +23,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
 from .config import gguf_config
 from .errors import UserError, one_line
+from .quant import BLOCK_BYTES, QuantTensor
 from .weights import Checkpoint
 
 _LAYER_NAMES = {
@@ -113,15 +115,32 @@ class GGUFCheckpoint(Checkpoint):
         shape = tuple(int(n) for n in reversed(t.shape))
         return shape if expert is None else shape[1:]
 
-    def _read(self, name, rows):
+    def _format(self, name):
+        fmt = self._tensors[name][0].tensor_type.name.lower()
+        return fmt if fmt in BLOCK_BYTES else None
+
+    def _stored(self, name, rows):
+        """The tensor's bytes as stored, rows `rows` of it: (rows, cols) or (rows, bytes per row)."""
         t, expert = self._tensors[name]
-        data = t.data if expert is None else t.data[expert]  # a view: (rows, cols) or (rows, bytes per row)
+        data = t.data if expert is None else t.data[expert]  # a view
         data = data if rows is None else data[rows]
         self.bytes_read += data.nbytes  # quantized bytes, as stored
+        return t, data
+
+    def _read(self, name, rows):
+        t, data = self._stored(name, rows)
         try:
             array = np.ascontiguousarray(_dequantize(data, t.tensor_type), dtype=np.float32)
         except NotImplementedError:
             raise UserError(f"{self.path}: tensor {name!r} has type {t.tensor_type.name}, which cannot be dequantized") from None
+        return self._rows_in_order(name, array)
+
+    def _read_blocks(self, name, rows):
+        t, data = self._stored(name, rows)
+        return QuantTensor(self._format(name), self._rows_in_order(name, np.ascontiguousarray(data)))
+
+    def _rows_in_order(self, name, array):
+        """Q and K rows (float32 values or whole rows of blocks) back in Hugging Face order."""
         if name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
             head_dim = self.config.head_dim
             if head_dim % 2 or len(array) % head_dim:

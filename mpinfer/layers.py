@@ -16,7 +16,7 @@ held by the P / Hkv ranks whose query heads use it.
 
 import numpy as np
 
-from . import context
+from . import context, quant
 from .errors import UserError
 
 
@@ -100,13 +100,14 @@ class Linear:
 
     parts: [(checkpoint name, full out features, rows kept or None)]; the outputs come back
     split in that order. cols: the input columns kept (row-parallel); then the output is a
-    partial sum that `tp.reduce` completes, and the bias is added after the sum."""
+    partial sum that `tp.reduce` completes, and the bias is added after the sum. Weights
+    stored in a GGUF block format the backend multiplies by directly stay in it (quant.py)."""
 
     def __init__(self, be, ckpt, parts, in_features, bias=False, cols=None, tp=None):
         self.be, self.tp = be, tp
         self.splits = np.cumsum([len(range(n)[rows or slice(None)]) for _, n, rows in parts])[:-1]
-        self.w = be.weight(np.concatenate([ckpt.get(f"{name}.weight", (n, in_features), rows, cols)
-                                           for name, n, rows in parts]))
+        self.w = be.weight(quant.concat([ckpt.get(f"{name}.weight", (n, in_features), rows, cols, be.quantized_formats)
+                                         for name, n, rows in parts]))
         self.b = be.bias(np.concatenate([ckpt.get(f"{name}.bias", (n,), rows) for name, n, rows in parts])) if bias else None
 
     def __call__(self, x):

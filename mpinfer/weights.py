@@ -7,6 +7,8 @@
 Tensor names are the Hugging Face ones whatever the format; `get` returns float32 numpy
 arrays in the Hugging Face layout ((out_features, in_features) for linears), reading only the
 requested rows, so a tensor-parallel rank reads only its slice of a column-parallel weight.
+`keep`: the GGUF block formats the caller multiplies by directly (backend.quantized_formats);
+a tensor stored in one of them comes back as a quant.QuantTensor of its raw blocks instead.
 A column range (a row-parallel weight) is cut after reading whole rows: the bytes are
 strided on disk, so every page would be read anyway; only the slice is kept.
 """
@@ -17,6 +19,7 @@ import struct
 
 import numpy as np
 
+from . import quant
 from .config import load_hf_config
 from .errors import UserError, one_line
 
@@ -37,18 +40,26 @@ def open_checkpoint(path):
 class Checkpoint:
     """Common part: shape checking before any byte is read. Subclasses set `path`, `config`,
     and implement `names()`, `_shape(name)` and `_read(name, rows)`, adding the tensor bytes
-    they read from the file to `bytes_read`."""
+    they read from the file to `bytes_read`; one with quantized tensors also `_format(name)`
+    and `_read_blocks(name, rows)` (a quant.QuantTensor)."""
 
     bytes_read = 0
 
-    def get(self, name, shape, rows=None, cols=None):
+    def get(self, name, shape, rows=None, cols=None, keep=()):
         if name not in self.names():
             raise UserError(f"{self._file_of(name)}: tensor {name!r} is missing")
         found = tuple(self._shape(name))
         if found != tuple(shape):
             raise UserError(f"{self._file_of(name)}: tensor {name!r} has shape {found}, expected {tuple(shape)}")
+        if len(shape) == 2 and self._format(name) in keep and quant.whole_blocks(cols):
+            blocks = self._read_blocks(name, rows)
+            return blocks if cols is None else blocks.columns(cols)
         array = self._read(name, rows)
         return array if cols is None else np.ascontiguousarray(array[:, cols])
+
+    def _format(self, name):
+        """The quant.BLOCK_BYTES format the tensor is stored in, or None (float)."""
+        return None
 
     def _file_of(self, name):
         return self.path

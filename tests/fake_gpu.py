@@ -1,7 +1,8 @@
 """A GPU stand-in for machines without one: a `cupy` module over NumPy, and the CUDA kernel
-wrappers (cuda_gemm, cuda_elementwise, cuda_attention, cuda_routing) replaced by their NumPy
-references on the same bf16 bits. With it the CUDA backend's own code (cuda_backend.py:
-weights to bf16, the casts before each matmul, the per-step attention metadata, decode and
+wrappers (cuda_gemm, cuda_elementwise, cuda_attention, cuda_routing, cuda_quant) replaced by
+their NumPy references on the same bf16 bits. With it the CUDA backend's own code (cuda_backend.py:
+weights to bf16 or kept in their GGUF blocks, the casts before each matmul, decode and
+prefill products on quantized weights, the per-step attention metadata, decode and
 prefill rows split between two kernels, negative KV slots, MoE routing; cuda_comm.py: the
 host-staged MPI groups; the runner and the pipeline moving its arrays) runs in CI with real
 MPI jobs. The kernels themselves are checked on a GPU by bench/gpu/check.py.
@@ -11,6 +12,7 @@ MPI jobs. The kernels themselves are checked on a GPU by bench/gpu/check.py.
 As a program: `python tests/fake_gpu.py ARGS...` is `mpinfer ARGS...` with the stand-in.
 """
 
+import collections
 import sys
 import types
 
@@ -120,7 +122,33 @@ def _kernels():
         return experts.astype(np.int32), weights
 
     routing.route = route
-    return {"cuda_gemm": gemm, "cuda_elementwise": ew, "cuda_attention": att, "cuda_routing": routing}
+
+    # quantized weights: the numbers quant.py and cuda_quant.py define (gemv_q: W exact; the
+    # prefill path's dequantize: W rounded to bf16); `calls` counts which path ran
+    from mpinfer.quant import BLOCK_BYTES, QuantTensor
+
+    quant = types.ModuleType("mpinfer.backend.cuda_quant")
+    quant.GEMV_Q_MAX_M, quant.calls = 16, collections.Counter()
+
+    def blocks(wq, fmt, N, K):
+        assert wq.dtype == np.uint8 and wq.flags.c_contiguous and wq.size == N * K // 32 * BLOCK_BYTES[fmt]
+        return QuantTensor(fmt, wq.reshape(N, -1)).dequantize()
+
+    def gemv_q(a, wq, fmt, N, K, bias=None):
+        assert a.dtype == np.uint16 and a.flags.c_contiguous and a.shape[0] <= 16 and a.shape[1] == K
+        quant.calls["gemv_q"] += 1
+        y = f32(a) @ blocks(wq, fmt, N, K).T
+        return y + bias if bias is not None else y
+
+    def dequantize(wq, fmt, N, K, out):
+        assert out.dtype == np.uint16 and out.shape == (N, K) and out.flags.c_contiguous
+        quant.calls["dequantize"] += 1
+        out[...] = bf16_bits(blocks(wq, fmt, N, K))
+        return out
+
+    quant.gemv_q, quant.dequantize = gemv_q, dequantize
+    return {"cuda_gemm": gemm, "cuda_elementwise": ew, "cuda_attention": att, "cuda_routing": routing,
+            "cuda_quant": quant}
 
 
 def modules():

@@ -18,8 +18,8 @@ from mpinfer.errors import UserError
 BIN = os.path.dirname(sys.executable)
 
 # one op per file (issue 7): if a file goes missing the list below says which
-EXPECTED = {"attention_decode", "attention_prefill", "cast", "embedding", "gemm", "gemm_wgmma", "gemv", "gemv_q",
-            "kv_store", "moe_routing", "rmsnorm", "rope", "sampling", "swiglu"}
+EXPECTED = {"attention_decode", "attention_prefill", "cast", "dequant", "embedding", "gemm", "gemm_wgmma", "gemv",
+            "gemv_q", "kv_store", "moe_routing", "rmsnorm", "rope", "sampling", "swiglu"}
 
 
 def test_every_expected_kernel_file_exists():
@@ -100,23 +100,56 @@ def fake_gpu(monkeypatch):
     sys.path.remove(os.path.dirname(__file__))
 
 
-@pytest.mark.parametrize("arch", ["llama_bias", "qwen3", "mistral", "mixtral"])
-def test_cuda_backend_code_against_numpy(fake_gpu, tiny_model, arch):
-    """8 prompts batched (prefill segments of 3 to 70 tokens, then batched decode), 8 greedy
-    tokens against the NumPy backend on the same float32 checkpoint: every token that differs
-    does so where NumPy's top two logits are closer than the backends' logits differ."""
+def _e2e():
     sys.path.insert(0, str(kernels.KERNELS.parent / "bench" / "gpu"))
     try:
         import e2e
     finally:
         sys.path.pop(0)
+    return e2e
+
+
+@pytest.mark.parametrize("arch", ["llama_bias", "qwen3", "mistral", "mixtral"])
+def test_cuda_backend_code_against_numpy(fake_gpu, tiny_model, arch):
+    """8 prompts batched (prefill segments of 3 to 70 tokens, then batched decode), 8 greedy
+    tokens against the NumPy backend on the same float32 checkpoint: every token that differs
+    does so where NumPy's top two logits are closer than the backends' logits differ."""
     from mpinfer.backend.cuda_backend import CudaBackend
 
-    r = e2e.compare(tiny_model(arch), "cuda", new=8, lens=[5, 17, 64, 3, 33, 70, 9, 40])
+    r = _e2e().compare(tiny_model(arch), "cuda", new=8, lens=[5, 17, 64, 3, 33, 70, 9, 40])
     assert r["prefill_logits_rel_err"] < 5e-2  # bf16 weights and matmul inputs against float32 ones (tiny models: 2%)
     assert r["ok"], r["prompts"]  # after a first difference the rest of a prompt's tokens may differ
     be = get_backend("cuda")
     assert isinstance(be, CudaBackend) and be.kv_bytes == 2
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def test_cuda_backend_keeps_gguf_blocks(fake_gpu, tiny_model, tmp_path, qtype):
+    """A GGUF model whose linears are all quantized runs from its blocks: the prefill products
+    (T > 16) through dequantize + the bf16 GEMM, the decode steps (8 rows) through gemv_q,
+    against the NumPy backend on the same file (float32 dequantized weights), as the bf16
+    test above. The GPU holds the blocks' bytes for the linears, bf16 for the rest
+    (embedding, norms), where NumPy holds float32 for everything."""
+    import gguf
+    from gguf_writer import write_gguf
+
+    path = write_gguf(tiny_model("llama_gguf"), str(tmp_path / "m.gguf"), gguf.GGMLQuantizationType[qtype])
+    r = _e2e().compare(path, "cuda", new=8, lens=[5, 17, 64, 3, 33, 70, 9, 40])
+    calls = sys.modules["mpinfer.backend.cuda_quant"].calls
+    assert calls["dequantize"] and calls["gemv_q"], calls
+    assert r["prefill_logits_rel_err"] < 5e-2
+    assert r["ok"], r["prompts"]
+    from mpinfer.weights import open_checkpoint
+
+    cfg = open_checkpoint(path).config
+    D, I, L, Dh = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.head_dim
+    linear = L * D * ((cfg.num_heads * 2 + cfg.num_kv_heads * 2) * Dh + 3 * I)  # q, o, k, v, gate, up, down
+    other = cfg.vocab_size * D + (2 * L + 1) * D  # embedding (tied head), norms
+    block_bytes = {"Q4_1": 20, "Q8_0": 34}[qtype]
+    assert r["gpu_weight_bytes"] == linear // 32 * block_bytes + 2 * other
+    assert r["numpy_weight_bytes"] == 4 * (linear + other)
+    print(f"{qtype}: GPU weight bytes {r['gpu_weight_bytes']}, {r['gpu_weight_bytes'] / r['numpy_weight_bytes']:.3f} "
+          f"of NumPy's float32; prefill logits rel err {r['prefill_logits_rel_err']:.1e}")
 
 
 def _fake_job(ranks, job, **env):
@@ -127,7 +160,8 @@ def _fake_job(ranks, job, **env):
 
 @pytest.mark.parametrize("arch, layouts", [("llama", [(2, {"tp": 2}), (2, {"pp": 2}), (4, {"tp": 2, "pp": 2}),
                                                      (2, {"tp": 2, "sp": True})]),
-                                           ("mixtral", [(2, {"tp": 2, "ep": 2}), (4, {"tp": 2, "ep": 4})])])
+                                           ("mixtral", [(2, {"tp": 2, "ep": 2}), (4, {"tp": 2, "ep": 4})]),
+                                           ("llama_gguf.Q4_1", [(2, {"tp": 2})])])
 def test_cuda_backend_jobs_under_mpi(fake_gpu, tiny_model, tmp_path, arch, layouts):
     """mpinfer run with engine.backend = "cuda" (the stand-in GPU, one for all ranks, so TP
     groups are host-staged MPI as on the one-GPU test machine), max_batch_tokens 64 so that
@@ -136,13 +170,23 @@ def test_cuda_backend_jobs_under_mpi(fake_gpu, tiny_model, tmp_path, arch, layou
     all-reduce adds in another order) can move an activation by one bf16 step. Hence each
     request's tokens equal one rank's up to a first difference, only where one rank's top
     two log-probabilities are within 0.3 (the tiny models' bf16 noise on logits), and the
-    log-probabilities before it agree within 0.1."""
+    log-probabilities before it agree within 0.1. "arch.QTYPE": that model as a GGUF
+    quantized QTYPE, its linears kept in their blocks (under tp 2 the column-parallel ones;
+    the row-parallel slices of 48 and 80 columns are not whole 32-blocks: bf16)."""
     from test_run import read_rows, write_job
 
+    if "." in arch:
+        import gguf
+        from gguf_writer import write_gguf
+
+        name, qtype = arch.split(".")
+        model = write_gguf(tiny_model(name), str(tmp_path / "m.gguf"), gguf.GGMLQuantizationType[qtype], vocab=True)
+    else:
+        model = tiny_model(arch)
     lines = [{"id": f"r{i}", "input_ids": list(range(3 + i, 3 + i + n))} for i, n in enumerate([5, 40, 90, 7, 12, 130])]
     outputs = []
     for ranks, parallel in [(1, {}), *layouts]:
-        job, out = write_job(tmp_path / f"{ranks}-{len(outputs)}", tiny_model(arch), lines, engine={"backend": "cuda"},
+        job, out = write_job(tmp_path / f"{ranks}-{len(outputs)}", model, lines, engine={"backend": "cuda"},
                              parallel=parallel, sampling={"logprobs": 2})
         p = _fake_job(ranks, job)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]

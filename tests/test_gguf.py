@@ -114,3 +114,31 @@ def test_whole_range_dequantize_equals_the_library(qtype):
     assert expected.shape == (6, 2 * block) and np.isfinite(expected).all()
     np.testing.assert_array_equal(_dequantize(data, kind), expected)
     np.testing.assert_array_equal(_dequantize(data[2:5], kind), expected[2:5])
+
+
+def test_quantized_blocks_as_a_backend_keeps_them(tiny_model, tmp_path):
+    """ckpt.get(..., keep=formats) hands out the raw blocks of a tensor stored in one of them:
+    row slices (Q's permuted rows put back in order, whole rows of blocks), column slices of
+    whole 32-blocks; a column slice inside a block, or a format not kept, gives float32. The
+    blocks' values are exactly the float32 the NumPy backend reads."""
+    from mpinfer.quant import QuantTensor, concat
+
+    path = write_gguf(tiny_model("llama_gguf"), str(tmp_path / "m.gguf"), gguf.GGMLQuantizationType.Q4_1)
+    ckpt = open_checkpoint(path)
+    q, o = "model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.o_proj.weight"
+    full_q, full_o = ckpt.get(q, (96, 96)), ckpt.get(o, (96, 96))
+    blocks = ckpt.get(q, (96, 96), rows=slice(16, 64), keep=("q4_1",))
+    assert isinstance(blocks, QuantTensor) and blocks.fmt == "q4_1" and blocks.data.shape == (48, 3 * 20)
+    np.testing.assert_array_equal(blocks.dequantize(), full_q[16:64])
+    cols = ckpt.get(o, (96, 96), cols=slice(32, 96), keep=("q4_1",))
+    assert isinstance(cols, QuantTensor) and cols.shape == (96, 64)
+    np.testing.assert_array_equal(cols.dequantize(), full_o[:, 32:])
+    for kept, cut in [(("q4_1",), slice(48, 96)), (("q8_0",), None)]:
+        got = ckpt.get(o, (96, 96), cols=cut, keep=kept)
+        assert isinstance(got, np.ndarray) and got.dtype == np.float32
+        np.testing.assert_array_equal(got, full_o[:, cut or slice(None)])
+    # fused parts: one format stays blocks; a mix falls back to float32
+    assert isinstance(concat([blocks, blocks]), QuantTensor)
+    q8 = QuantTensor("q8_0", gguf.quants.quantize(full_o, gguf.GGMLQuantizationType.Q8_0))
+    mixed = concat([blocks, q8])
+    np.testing.assert_array_equal(mixed, np.concatenate([full_q[16:64], q8.dequantize()]))

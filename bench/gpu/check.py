@@ -152,6 +152,9 @@ def main(path, quick=False, only=()):
     smol, big, small = WORK / "smollm2-shaped", WORK / "llama3-8b-shaped-2layers", WORK / "tp2-model"
     sections = [("device", device_info), ("compile", compile_all), ("wgmma_probe", wgmma_probe),
                 ("e2e_smollm2_shaped", lambda: e2e.compare(models.write_model(smol, models.SMOLLM2), "cuda")),
+                # the GPU from the Q4_1 blocks (linears W4A16), NumPy from their float32 values
+                ("e2e_smollm2_shaped_q4_1", lambda: e2e.compare(models.write_gguf(WORK / "smollm2-shaped.Q4_1.gguf",
+                                                                                  models.SMOLLM2), "cuda")),
                 ("kernels", lambda: kernels(np.random.default_rng(int(time.time())))), ("nccl", nccl)]
     if not quick:
         sections += [("tp2_job", lambda: tp2_job(models.write_model(small, models.TP2))),
@@ -183,10 +186,11 @@ def summary(report):
             print(f"{'ok ' if r.get('ok') else 'BAD'} {r.get('kernel', '?'):28.28} {str(r.get('shape', '')):34.34} "
                   f"err={err if isinstance(err, str) else f'{err:.2e}'} {timing}"
                   + (f" ERROR {r['error'][-200:]!r}" if r.get("error") else ""))
-    for name in ("compile", "wgmma_probe", "nccl", "e2e_smollm2_shaped", "e2e_llama3_8b_shaped", "tp2_job"):
+    for name in ("compile", "wgmma_probe", "nccl", "e2e_smollm2_shaped", "e2e_smollm2_shaped_q4_1", "e2e_llama3_8b_shaped",
+                 "tp2_job"):
         s = report.get(name, {})
         brief = {k: s[k] for k in ("ok", "tokens_equal", "tokens_total", "prefill_logits_rel_err", "gpu_generate_s",
-                                   "numpy_generate_s", "transport", "fallback") if k in s}
+                                   "numpy_generate_s", "gpu_weight_bytes", "transport", "fallback") if k in s}
         print(name, brief, (s.get("error") or "")[-600:])
 
 

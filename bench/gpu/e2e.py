@@ -35,8 +35,9 @@ def generate(model, prompts, n):
 
 
 def compare(folder, backend, new=32, seed=0, lens=(5, 17, 64, 100, 129, 300, 511, 700)):
-    """The report's end-to-end entry for one checkpoint folder: len(lens) prompts of random
-    token ids of those lengths, new greedy tokens each."""
+    """The report's end-to-end entry for one checkpoint (a folder or a .gguf file): len(lens)
+    prompts of random token ids of those lengths, new greedy tokens each; the bytes of
+    weights each backend holds (a GGUF's quantized linears stay quantized on the GPU)."""
     rng = np.random.default_rng(seed)
     ckpt = open_checkpoint(folder)
     V = ckpt.config.vocab_size
@@ -50,7 +51,7 @@ def compare(folder, backend, new=32, seed=0, lens=(5, 17, 64, 100, 129, 300, 511
         load_s = time.perf_counter() - t
         t = time.perf_counter()
         runs[name] = generate(model, prompts_, new)
-        runs[name + "_s"] = (load_s, time.perf_counter() - t)
+        runs[name + "_s"] = (load_s, time.perf_counter() - t, model.be.weight_bytes)
         del model
     (ref_tok, ref_logits), (gpu_tok, gpu_logits) = runs["numpy"], runs["gpu"]
     per_prompt = []
@@ -70,4 +71,5 @@ def compare(folder, backend, new=32, seed=0, lens=(5, 17, 64, 100, 129, 300, 511
             "prefill_logits_rel_err": float(np.linalg.norm(gpu_logits[0] - prefill) / np.linalg.norm(prefill)),
             "ok": all(r["first_difference"] is None or r["bf16_flip"] for r in per_prompt),
             "numpy_load_s": runs["numpy_s"][0], "numpy_generate_s": runs["numpy_s"][1],
-            "gpu_load_s": runs["gpu_s"][0], "gpu_generate_s": runs["gpu_s"][1], "prompts": per_prompt}
+            "gpu_load_s": runs["gpu_s"][0], "gpu_generate_s": runs["gpu_s"][1],
+            "numpy_weight_bytes": runs["numpy_s"][2], "gpu_weight_bytes": runs["gpu_s"][2], "prompts": per_prompt}

@@ -1,12 +1,15 @@
 """Random-weight Llama-architecture checkpoints made where they are used (the GPU machine
 receives at most 64 MiB, so SmolLM2's 98 MB cannot travel): a Hugging Face folder with
-config.json, model.safetensors in bf16 and a word-level tokenizer of the full vocabulary.
+config.json, model.safetensors in bf16 and a word-level tokenizer of the full vocabulary;
+or a GGUF file quantized as llama.cpp stores SmolLM2 (write_gguf).
 
 Weights are scaled so that logits spread over several units (greedy choices are not
 coin flips between near-equal candidates) while activations stay O(1).
 """
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +73,52 @@ def write_tokenizer(folder, vocab_size):
     tok.save(str(Path(folder) / "tokenizer.json"))
     (Path(folder) / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+
+
+def write_gguf(path, dims, qtype="Q4_1", seed=0):
+    """A llama GGUF with the dimensions dims, random weights scaled as write_model's: every
+    linear quantized qtype by gguf.quants, the embedding Q8_0 and the norms F32, as in
+    SmolLM2-135M-Instruct.Q4_1.gguf (tied head: no output.weight). No tokenizer (e2e feeds
+    token ids); Q/K rows are random, so llama.cpp's row permutation is left out."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    D, I, V = dims["hidden_size"], dims["intermediate_size"], dims["vocab_size"]
+    H, Hkv = dims["num_attention_heads"], dims["num_key_value_heads"]
+    Dh = D // H
+    kind, q8 = gguf.GGMLQuantizationType[qtype], gguf.GGMLQuantizationType.Q8_0
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, value in [(w.add_block_count, dims["num_hidden_layers"]), (w.add_context_length, 8192),
+                       (w.add_embedding_length, D), (w.add_feed_forward_length, I), (w.add_head_count, H),
+                       (w.add_head_count_kv, Hkv), (w.add_rope_dimension_count, Dh),
+                       (w.add_rope_freq_base, dims["rope_theta"]), (w.add_layer_norm_rms_eps, 1e-5),
+                       (w.add_vocab_size, V)]:
+        add(value)
+
+    def rand(shape, std):
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+
+    def quantized(t, qt):
+        """gguf.quants.quantize over row ranges in threads (its numpy work releases the GIL)."""
+        step = -(-len(t) // (os.cpu_count() or 1))
+        with ThreadPoolExecutor() as pool:
+            parts = pool.map(lambda r: gguf.quants.quantize(t[r:r + step], qt), range(0, len(t), step))
+            return np.concatenate(list(parts)), qt
+
+    tensors = {"token_embd.weight": quantized(rand((V, D), 3.0 / np.sqrt(D)), q8),
+               "output_norm.weight": (1.0 + rand(D, 0.1), gguf.GGMLQuantizationType.F32)}
+    for i in range(dims["num_hidden_layers"]):
+        for name, shape in [("attn_q", (H * Dh, D)), ("attn_k", (Hkv * Dh, D)), ("attn_v", (Hkv * Dh, D)),
+                            ("attn_output", (D, H * Dh)), ("ffn_gate", (I, D)), ("ffn_up", (I, D)),
+                            ("ffn_down", (D, I))]:
+            tensors[f"blk.{i}.{name}.weight"] = quantized(rand(shape, 1.0 / np.sqrt(shape[1])), kind)
+        for name in ("attn_norm", "ffn_norm"):
+            tensors[f"blk.{i}.{name}.weight"] = (1.0 + rand(D, 0.1), gguf.GGMLQuantizationType.F32)
+    for name, (data, qt) in tensors.items():
+        w.add_tensor(name, data, raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -1,11 +1,23 @@
 """The CUDA backend: the NumPy backend's ops on one GPU, through our kernels (kernels_cuda/).
 
 What lives where: weights and the KV cache are bf16 on the GPU (cupy uint16 arrays holding
-the bits: CuPy has no bfloat16 dtype); activations between ops are float32 cupy arrays, so
-the model code's residual adds, splits and reshapes run unchanged on either backend. Every
-matmul rounds its input rows to bf16 (one cast pass) and accumulates in fp32 on the tensor
-cores; attention reads bf16 K/V and accumulates in fp32. Small host arrays the model passes
-in (positions, slots, cos/sin of the step) are uploaded once per step, not once per layer.
+the bits: CuPy has no bfloat16 dtype), except linear weights a GGUF file stores as Q8_0,
+Q4_0 or Q4_1, which stay in their blocks (quant.QuantTensor over a cupy uint8 array; the
+embedding and LM head are bf16 whatever the file holds); activations between ops are
+float32 cupy arrays, so the model code's residual adds, splits and reshapes run unchanged
+on either backend. Every matmul rounds its input rows to bf16 (one cast pass) and
+accumulates in fp32 on the tensor cores; attention reads bf16 K/V and accumulates in fp32.
+Small host arrays the model passes in (positions, slots, cos/sin of the step) are uploaded
+once per step, not once per layer.
+
+A product on a quantized weight: M <= 16 rows through gemv_q (the blocks dequantized inside
+the GEMM); taller ones dequantize the weight into a bf16 scratch buffer (one per backend, the
+size of the largest quantized weight: e.g. 235 MB for Llama-3-8B's fused gate/up) and run
+the bf16 GEMM on it, as llama.cpp does for big batches. That costs one extra pass over the
+weight per product (its blocks read, 2 bytes a weight written; the GEMM then reads bf16 as
+it would anyway): for 4096 x 14336 in Q4_1, 154 MB, about 50 us at 3 TB/s, next to about
+180 us for the GEMM of 512 rows at 330 TFLOP/s (+25%; +6% at 2048 rows). Estimated, not
+yet measured: bench/gpu/check_quant.py times the 512-row product against the bf16 GEMM.
 
 Shapes as in numpy_backend.py.
 """
@@ -18,13 +30,16 @@ import numpy as np
 from . import cuda_attention as att
 from . import cuda_elementwise as ew
 from . import cuda_routing as routing
+from ..quant import BLOCK_BYTES, QuantTensor
 from .cuda_comm import gpu_group
 from .cuda_gemm import gemm
+from .cuda_quant import GEMV_Q_MAX_M, dequantize, gemv_q
 
 
 class CudaBackend:
     name = "cuda"
     kv_bytes = 2  # per element of the KV cache (bf16)
+    quantized_formats = tuple(BLOCK_BYTES)  # GGUF block formats linears keep (quant.py)
 
     def __init__(self, device=0):
         """device: the GPU's index among those this process sees (cuda_comm.pick_device)."""
@@ -32,9 +47,18 @@ class CudaBackend:
         self.device.use()
         self.weight_bytes = 0
         self._uploads = OrderedDict()  # id(host array) -> (host array, device copy): the last few
+        self._largest = 0  # weights of the largest quantized weight: the scratch buffer's size
+        self._scratch = None  # bf16 (largest,): a quantized weight dequantized for a prefill product
 
     def weight(self, array):
-        """A checkpoint tensor (float32 numpy) -> bf16 bits on the GPU, rounded to nearest even."""
+        """A checkpoint tensor (float32 numpy) -> bf16 bits on the GPU, rounded to nearest even;
+        a QuantTensor -> the same blocks on the GPU."""
+        if isinstance(array, QuantTensor):
+            with self.device:
+                out = QuantTensor(array.fmt, cupy.asarray(array.data))
+            self.weight_bytes += out.data.nbytes
+            self._largest = max(self._largest, out.shape[0] * out.shape[1])
+            return out
         u = np.ascontiguousarray(array, np.float32).view(np.uint32)
         bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)  # wraps only for NaN/inf inputs
         with self.device:  # the model loads layers on worker threads, whose current device is 0
@@ -91,9 +115,17 @@ class CudaBackend:
         return ew.embedding(table, self._up(ids, np.int64), offset)
 
     def linear(self, x, w, b=None):
-        # x (T, in) float32, or bf16 bits from a matmul_input norm; w (out, in) bf16 -> (T, out) float32
+        # x (T, in) float32, or bf16 bits from a matmul_input norm; w (out, in) bf16 or a
+        # QuantTensor -> (T, out) float32
         a = cupy.ascontiguousarray(x) if x.dtype == cupy.uint16 else ew.to_bf16(cupy.ascontiguousarray(x))
-        return gemm(a, w, b)  # b: float32 (bias())
+        if not isinstance(w, QuantTensor):
+            return gemm(a, w, b)  # b: float32 (bias())
+        N, K = w.shape
+        if len(a) <= GEMV_Q_MAX_M:
+            return gemv_q(a, w.data, w.fmt, N, K, b)
+        if self._scratch is None or self._scratch.size < N * K:  # (weight() on loader threads may race on _largest)
+            self._scratch = cupy.empty(max(self._largest, N * K), cupy.uint16)
+        return gemm(a, dequantize(w.data, w.fmt, N, K, self._scratch[:N * K].reshape(N, K)), b)
 
     def rmsnorm(self, x, w, eps, matmul_input=False):
         """float32, or with matmul_input bf16 bits for the linears that read it (no cast pass)."""

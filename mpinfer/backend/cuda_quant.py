@@ -1,19 +1,23 @@
-"""Linear layers on GGUF-quantized weights kept on the GPU (W4A16 / W8A16), decode shapes.
+"""Linear layers on GGUF-quantized weights kept on the GPU (W4A16 / W8A16).
 
-One kernel file, kernels_cuda/gemv_q.cu (its header is the manual): C = A W^T (+ bias)
-for M <= 16 rows of bf16 A, with W (N, K) left in its GGUF blocks (Q8_0, Q4_0, Q4_1: raw
-bytes as the file stores them, row-major, K/32 blocks a row) and dequantized inside the
-GEMM, so a decode step reads 0.56 (Q4_0) to 1.06 (Q8_0) bytes per weight instead of 2.
+W (N, K) stays in its GGUF blocks (Q8_0, Q4_0, Q4_1: raw bytes as the file stores them,
+row-major, K/32 blocks a row; mpinfer/quant.py defines their values). Two kernel files,
+whose headers are the manuals:
+  gemv_q.cu   C = A W^T (+ bias) for M <= 16 rows of bf16 A, W dequantized inside the
+              GEMM: a decode step reads 0.56 (Q4_0) to 1.06 (Q8_0) bytes per weight, not 2.
+              Numbers: float32 A @ dequantize(W).T, W exact (not rounded to bf16).
+  dequant.cu  W -> bf16 bits, exactly bf16(dequantize(W)); the prefill product (M > 16) is
+              that into a scratch buffer, then the bf16 GEMM (cuda_gemm.gemm).
 """
 
 import cupy
 import numpy as np
 
+from ..quant import BLOCK_BYTES
 from . import kernels
 from .cuda_gemm import SMS, check_bias, null, output, reduce_splits
 
 GEMV_Q_MAX_M = 16
-BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}  # bytes of a GGUF block of 32 weights
 # dynamic shared memory: 8 warps x 3 stages x 16 rows x a row's slot (gemv_q.cu's Fmt::SLOT)
 _SMEM = {"q8_0": 8 * 3 * 16 * 288, "q4_0": 8 * 3 * 16 * 176, "q4_1": 8 * 3 * 16 * 176}
 _CHUNK = 8  # GGUF blocks per K chunk of a warp (256 K); a split's K range is whole chunks
@@ -71,4 +75,22 @@ def gemv_q(a, wq, fmt, N, K, bias=None, out=None):
       shared_mem=_SMEM[fmt])
     if splits > 1:
         reduce_splits(dst, b, out)
+    return out
+
+
+def dequantize(wq, fmt, N, K, out):
+    """wq: W (N, K) as GGUF blocks of fmt (as gemv_q) -> out, C-contiguous uint16 (N, K),
+    16-byte aligned: bf16 bits of W (round to nearest even), returned."""
+    kernels.require(fmt in BLOCK_BYTES, f"dequantize: fmt must be one of {sorted(BLOCK_BYTES)}, got {fmt!r}")
+    kernels.require(K > 0 and K % 32 == 0, f"dequantize: K = {K} must be a positive multiple of 32 (whole GGUF blocks)")
+    nbytes = N * (K // 32) * BLOCK_BYTES[fmt]
+    kernels.require(wq.dtype == np.uint8 and wq.size == nbytes and wq.flags.c_contiguous and wq.data.ptr % 2 == 0,
+                    f"dequantize: wq must be C-contiguous 2-byte aligned uint8 of N * K/32 * {BLOCK_BYTES[fmt]} = "
+                    f"{nbytes} bytes ({fmt}, N = {N}, K = {K}), got {wq.dtype} {wq.shape}")
+    kernels.require(out.dtype == np.uint16 and out.shape == (N, K) and out.flags.c_contiguous and out.data.ptr % 16 == 0,
+                    f"dequantize: out must be C-contiguous 16-byte aligned uint16 {(N, K)}, got {out.dtype} {out.shape}")
+    steps = N * K // 8
+    if steps:
+        kernels.function("dequant", f"dequant_{fmt}")(
+            (min(-(-steps // 256), SMS * 8), 1, 1), (256, 1, 1), (wq, out, np.int64(N * K // 32)))
     return out

@@ -28,6 +28,7 @@ class NumpyBackend:
 
     name = "numpy"
     kv_bytes = 4  # per element of the KV cache (float32)
+    quantized_formats = ()  # GGUF block formats kept as they are (quant.py): none, weights are float32
 
     def __init__(self, threads=None):
         threads = threads or int(os.environ.get("OPENBLAS_NUM_THREADS") or len(os.sched_getaffinity(0)))
