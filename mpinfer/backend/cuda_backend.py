@@ -92,8 +92,18 @@ class CudaBackend:
 
     def linear(self, x, w, b=None):
         # x (T, in) float32, or bf16 bits from a matmul_input norm; w (out, in) bf16 -> (T, out) float32
-        a = cupy.ascontiguousarray(x) if x.dtype == cupy.uint16 else ew.to_bf16(cupy.ascontiguousarray(x))
-        return gemm(a, w, b)  # b: float32 (bias())
+        return gemm(_matmul_rows(x), w, b)  # b: float32 (bias())
+
+    def swiglu_rows(self, array):
+        """SwiGLU's gate and up parts [gate; up] (2I, ...), a host weight or bias, interleaved for
+        swiglu_linear: row 2i = gate_i, row 2i + 1 = up_i (each GEMM thread then holds whole pairs)."""
+        gate, up = np.split(array, 2)
+        return np.stack([gate, up], axis=1).reshape(array.shape)
+
+    def swiglu_linear(self, x, w, b=None):
+        """As NumpyBackend.swiglu_linear, w and b in swiglu_rows order: one GEMM whose epilogue
+        writes silu(gate) * up (T, I), so the (T, 2I) product never goes to memory."""
+        return gemm(_matmul_rows(x), w, b, swiglu=True)
 
     def rmsnorm(self, x, w, eps, matmul_input=False):
         """float32, or with matmul_input bf16 bits for the linears that read it (no cast pass)."""
@@ -144,6 +154,12 @@ class CudaBackend:
                                         meta.key_slots, meta.key_pos, window)
             out[meta.prefill_rows] = o
         return out
+
+
+def _matmul_rows(x):
+    """A matmul's input rows as the GEMM reads them: contiguous bf16 bits (cast from float32
+    unless a matmul_input norm already gave bf16)."""
+    return cupy.ascontiguousarray(x) if x.dtype == cupy.uint16 else ew.to_bf16(cupy.ascontiguousarray(x))
 
 
 class _Meta:
