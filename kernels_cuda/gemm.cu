@@ -1,12 +1,19 @@
-// Prefill-shaped GEMM on tensor cores: C = A W^T (+ bias).
+// Prefill-shaped GEMM on tensor cores: C = A W^T (+ bias), or its SwiGLU.
 //
 //   A    (M, K) bf16 bits, row-major (activations)
 //   W    (N, K) bf16 bits, row-major (a Hugging Face Linear weight, (out, in))
 //   bias (N,)   float32, or a null pointer for none
 //   C    (M, N) float32, row-major
 //
-// Kernels (one template gemm_body<BM, BN, WARPS_M, WARPS_N, STAGES>, K tile 64, 8 warps
-// as 2 (M) x 4 (N), 3 stages):
+// SwiGLU epilogue (the *_swiglu kernels): W holds an MLP's gate and up rows interleaved,
+// row 2i = gate_i, row 2i + 1 = up_i (N = 2I even), bias alike, and
+//   C    (M, N/2) float32, C[m, i] = silu(acc[m, 2i] + b[2i]) * (acc[m, 2i + 1] + b[2i + 1]),
+//   silu(x) = x / (1 + exp(-x)) (as swiglu.cu): the (M, N) product is never written. An
+// accumulator fragment holds columns (2t, 2t + 1) of its n8 tile at an even offset, so each
+// thread holds whole (gate, up) pairs: the epilogue needs no shuffle.
+//
+// Kernels (one template gemm_body<BM, BN, WARPS_M, WARPS_N, STAGES, SWIGLU>, K tile 64, 8 warps
+// as 2 (M) x 4 (N), 3 stages), each also as <name>_swiglu:
 //   gemm_bf16_128x256: block tile 128 x 256, warp tile 64 x 64, 1 block per SM.
 //       The big-problem kernel (fewest shared-memory bytes per mma).
 //   gemm_bf16_128x128: block tile 128 x 128, warp tile 64 x 32, 2 blocks per SM.
@@ -36,13 +43,15 @@
 // memory as above (opt-in above 48 KB). The 1-D grid is walked in groups of 8 block-rows
 // (all N tiles of 8 M tiles before the next 8) so concurrently running blocks share A and
 // W tiles in L2.
-// Constraints: K % 8 == 0 (16-byte rows), A and W 16-byte aligned. M, N arbitrary: rows
-// of A and W past M or N and the K tail past K are zero-filled by cp.async (src size 0),
-// stores past M or N are skipped. Offsets are 64-bit.
+// Constraints: K % 8 == 0 (16-byte rows), A and W 16-byte aligned; N even for SwiGLU. M, N
+// arbitrary: rows of A and W past M or N and the K tail past K are zero-filled by cp.async
+// (src size 0), stores past M or N are skipped. Offsets are 64-bit.
 //
 // Checked by bench/gpu/check_gemm.py against NumpyBackend.linear(x, w, b) on the same
 // bf16-rounded inputs (GPU float32 matmul of those inputs at the big shapes); timed
-// against torch.matmul in bf16 (cuBLAS). Wrapper: mpinfer/backend/cuda_gemm.py gemm().
+// against torch.matmul in bf16 (cuBLAS); SwiGLU against NumpyBackend.swiglu_linear on the
+// [gate; up] rows and timed against the unfused gemm + silu_mul (swiglu.cu). Wrapper:
+// mpinfer/backend/cuda_gemm.py gemm().
 #include "common.cuh"
 
 #define GEMM_BK 64  // bf16 per shared row: 128 bytes, 8 chunks of 16 bytes
@@ -66,8 +75,9 @@ __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, int row0, int 
     }
 }
 
-// Block tile BM x BN of C from WARPS_M x WARPS_N warps, STAGES K tiles in flight.
-template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES>
+// Block tile BM x BN of A W^T from WARPS_M x WARPS_N warps, STAGES K tiles in flight; under
+// SWIGLU its (M, BN/2) tile of silu(gate) * up goes to C (M, N/2).
+template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, bool SWIGLU>
 __device__ __forceinline__ void gemm_body(const bf16* __restrict__ A, const bf16* __restrict__ W,
                                           const float* __restrict__ bias, float* __restrict__ C, int M, int N, int K) {
     constexpr int BK = GEMM_BK, THREADS = WARPS_M * WARPS_N * 32;
@@ -163,7 +173,7 @@ __device__ __forceinline__ void gemm_body(const bf16* __restrict__ A, const bf16
     const bool pairs = (N & 1) == 0;  // float2 stores need an even row stride
 #pragma unroll
     for (int j = 0; j < NI; j++) {
-        const int col = n0 + wn + j * 8 + 2 * t;
+        const int col = n0 + wn + j * 8 + 2 * t;  // even: under SWIGLU gate col / 2, up beside it
         float b0 = 0.f, b1 = 0.f;
         if (bias) {
             if (col < N) b0 = bias[col];
@@ -175,13 +185,17 @@ __device__ __forceinline__ void gemm_body(const bf16* __restrict__ A, const bf16
             for (int h = 0; h < 2; h++) {
                 const int row = m0 + wm + i * 16 + g + h * 8;
                 if (row >= M) continue;
-                float* dst = C + (size_t)row * N + col;
                 const float v0 = acc[i][j][2 * h] + b0, v1 = acc[i][j][2 * h + 1] + b1;
-                if (pairs && col + 1 < N) {
-                    *(float2*)dst = make_float2(v0, v1);
+                if constexpr (SWIGLU) {  // N even: col < N holds the whole pair
+                    if (col < N) C[(size_t)row * (N >> 1) + (col >> 1)] = v0 / (1.0f + expf(-v0)) * v1;
                 } else {
-                    if (col < N) dst[0] = v0;
-                    if (col + 1 < N) dst[1] = v1;
+                    float* dst = C + (size_t)row * N + col;
+                    if (pairs && col + 1 < N) {
+                        *(float2*)dst = make_float2(v0, v1);
+                    } else {
+                        if (col < N) dst[0] = v0;
+                        if (col + 1 < N) dst[1] = v1;
+                    }
                 }
             }
         }
@@ -191,11 +205,23 @@ __device__ __forceinline__ void gemm_body(const bf16* __restrict__ A, const bf16
 extern "C" __global__ void __launch_bounds__(256, 1)
 gemm_bf16_128x256(const bf16* __restrict__ A, const bf16* __restrict__ W, const float* __restrict__ bias,
                   float* __restrict__ C, int M, int N, int K) {
-    gemm_body<128, 256, 2, 4, 3>(A, W, bias, C, M, N, K);
+    gemm_body<128, 256, 2, 4, 3, false>(A, W, bias, C, M, N, K);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+gemm_bf16_128x256_swiglu(const bf16* __restrict__ A, const bf16* __restrict__ W, const float* __restrict__ bias,
+                         float* __restrict__ C, int M, int N, int K) {
+    gemm_body<128, 256, 2, 4, 3, true>(A, W, bias, C, M, N, K);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
 gemm_bf16_128x128(const bf16* __restrict__ A, const bf16* __restrict__ W, const float* __restrict__ bias,
                   float* __restrict__ C, int M, int N, int K) {
-    gemm_body<128, 128, 2, 4, 3>(A, W, bias, C, M, N, K);
+    gemm_body<128, 128, 2, 4, 3, false>(A, W, bias, C, M, N, K);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+gemm_bf16_128x128_swiglu(const bf16* __restrict__ A, const bf16* __restrict__ W, const float* __restrict__ bias,
+                         float* __restrict__ C, int M, int N, int K) {
+    gemm_body<128, 128, 2, 4, 3, true>(A, W, bias, C, M, N, K);
 }

@@ -101,16 +101,22 @@ class Linear:
     parts: [(checkpoint name, full out features, rows kept or None)]; the outputs come back
     split in that order. cols: the input columns kept (row-parallel); then the output is a
     partial sum that `tp.reduce` completes, and the bias is added after the sum. Weights
-    stored in a GGUF block format the backend multiplies by directly stay in it (quant.py)."""
+    stored in a GGUF block format the backend multiplies by directly stay in it (quant.py).
+    swiglu: parts are SwiGLU's gate and up; the output is silu(gate) * up (T, I), through
+    be.swiglu_linear (on GPUs the GEMM's epilogue), the rows stored in be.swiglu_rows order."""
 
-    def __init__(self, be, ckpt, parts, in_features, bias=False, cols=None, tp=None):
-        self.be, self.tp = be, tp
+    def __init__(self, be, ckpt, parts, in_features, bias=False, cols=None, tp=None, swiglu=False):
+        self.be, self.tp, self.swiglu = be, tp, swiglu
         self.splits = np.cumsum([len(range(n)[rows or slice(None)]) for _, n, rows in parts])[:-1]
-        self.w = be.weight(quant.concat([ckpt.get(f"{name}.weight", (n, in_features), rows, cols, be.quantized_formats)
-                                         for name, n, rows in parts]))
-        self.b = be.bias(np.concatenate([ckpt.get(f"{name}.bias", (n,), rows) for name, n, rows in parts])) if bias else None
+        order = be.swiglu_rows if swiglu else (lambda rows: rows)
+        self.w = be.weight(order(quant.concat([ckpt.get(f"{name}.weight", (n, in_features), rows, cols,
+                                                        be.quantized_formats) for name, n, rows in parts])))
+        self.b = be.bias(order(np.concatenate([ckpt.get(f"{name}.bias", (n,), rows)
+                                               for name, n, rows in parts]))) if bias else None
 
     def __call__(self, x):
+        if self.swiglu:
+            return self.be.swiglu_linear(x, self.w, self.b)  # (T, I)
         if self.tp is None:
             y = self.be.linear(x, self.w, self.b)  # (T, sum of out)
             return np.split(y, self.splits, axis=-1) if len(self.splits) else y
@@ -206,9 +212,10 @@ class MLP:
         D, I = cfg.hidden_size, cfg.intermediate_size
         self.be, self.tp = be, tp if reduce else TP()
         part = tp.part(I)
-        self.gate_up_proj = Linear(be, ckpt, [(f"{p}.gate_proj", I, part), (f"{p}.up_proj", I, part)], D, cfg.mlp_bias)
+        self.gate_up_proj = Linear(be, ckpt, [(f"{p}.gate_proj", I, part), (f"{p}.up_proj", I, part)], D, cfg.mlp_bias,
+                                   swiglu=True)
         self.down_proj = Linear(be, ckpt, [(f"{p}.down_proj", D, None)], I, cfg.mlp_bias, cols=part,
                                 tp=tp if reduce else TP())
 
     def __call__(self, x):
-        return self.down_proj(self.be.silu_mul(*self.gate_up_proj(self.tp.begin(x))))
+        return self.down_proj(self.gate_up_proj(self.tp.begin(x)))  # gate_up_proj: silu(gate) * up, (T, I/P)

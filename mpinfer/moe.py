@@ -130,7 +130,9 @@ class MoE:
         self.router = be.weight(ckpt.get(f"{p}.gate.weight", (E, D)))  # (E, D), on every rank
         part = slice(ep.slice * I // ep.slices, (ep.slice + 1) * I // ep.slices)  # my slice of every expert
 
-        def expert(e):  # (gate_up, down) on my slice of I; down's partial sum completes in the TP all-reduce
+        # (gate_up, down) on my slice of I; down's partial sum completes in the TP all-reduce. Unfused:
+        # gate_up returns (gate, up) and silu_mul follows (the dense MLP's is Linear(swiglu=True))
+        def expert(e):
             return (Linear(be, ckpt, [(f"{p}.experts.{e}.{gate}", I, part), (f"{p}.experts.{e}.{up}", I, part)], D),
                     Linear(be, ckpt, [(f"{p}.experts.{e}.{down}", D, None)], I, cols=part))
 

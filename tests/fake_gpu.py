@@ -58,16 +58,26 @@ def _cupy():
     return cp
 
 
+def swiglu_epilogue(y):
+    """The GEMM's SwiGLU epilogue on its (M, N) product (+ bias) y, whose columns are gate/up
+    interleaved (2i gate_i, 2i + 1 up_i): silu(gate) * up (M, N/2), as NumpyBackend.silu_mul."""
+    assert y.shape[1] % 2 == 0
+    from mpinfer.backend.numpy_backend import NumpyBackend
+
+    return NumpyBackend(threads=1).silu_mul(y[:, 0::2], y[:, 1::2])
+
+
 def _kernels():
     from mpinfer.backend.numpy_backend import NumpyBackend
 
     ref = NumpyBackend(threads=1)
     gemm = types.ModuleType("mpinfer.backend.cuda_gemm")
 
-    def gemm_(a, w, bias=None):
+    def gemm_(a, w, bias=None, swiglu=False):
         assert a.dtype == w.dtype == np.uint16 and a.flags.c_contiguous
         y = f32(a) @ f32(w).T
-        return y + bias if bias is not None else y
+        y = y + bias if bias is not None else y
+        return swiglu_epilogue(y) if swiglu else y
 
     gemm.gemm = gemm_
 

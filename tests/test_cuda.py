@@ -152,6 +152,52 @@ def test_cuda_backend_keeps_gguf_blocks(fake_gpu, tiny_model, tmp_path, qtype):
           f"of NumPy's float32; prefill logits rel err {r['prefill_logits_rel_err']:.1e}")
 
 
+def _swiglu_err(fake, be, T, D, I, bias):
+    """Relative error of be.swiglu_linear (the CUDA backend's: its weight and bias rows stored
+    in swiglu_rows order, the GEMM epilogue's reference on the fake GPU) against the NumPy
+    backend's linear then silu_mul on the [gate; up] rows, on the same bf16-rounded numbers."""
+    from mpinfer.backend.numpy_backend import NumpyBackend
+
+    rng = np.random.default_rng(T * I)
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    w = (rng.standard_normal((2 * I, D)) * D**-0.5).astype(np.float32)  # [gate; up]
+    b = rng.standard_normal(2 * I).astype(np.float32) if bias else None
+    got = be.to_numpy(be.swiglu_linear(be.asarray(x), be.weight(be.swiglu_rows(w)),
+                                       None if b is None else be.bias(be.swiglu_rows(b))))
+    ref = NumpyBackend(threads=1)
+    gate, up = np.split(ref.linear(fake.f32(fake.bf16_bits(x)), fake.f32(fake.bf16_bits(w)), b), 2, axis=-1)
+    want = ref.silu_mul(gate, up)
+    assert got.shape == want.shape == (T, I)
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+@pytest.mark.parametrize("T, D, I, bias", [(1, 64, 8, True), (5, 96, 136, False), (37, 40, 68, True)])
+def test_swiglu_interleave_and_epilogue_equal_linear_then_silu_mul(fake_gpu, T, D, I, bias):
+    from mpinfer.backend.cuda_backend import CudaBackend
+    from mpinfer.backend.numpy_backend import NumpyBackend
+
+    assert _swiglu_err(fake_gpu, CudaBackend(), T, D, I, bias) < 1e-6
+    # the NumPy backend's swiglu_linear is the unfused pair, bit for bit
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((T, D), np.float32), rng.standard_normal((2 * I, D), np.float32), None
+    be = NumpyBackend(threads=1)
+    assert np.array_equal(be.swiglu_linear(x, be.swiglu_rows(w), b), be.silu_mul(*np.split(be.linear(x, w), 2, axis=1)))
+
+
+def test_swiglu_check_catches_a_wrong_pairing(fake_gpu, monkeypatch):
+    """The check above fails for weights stored in any other pairing: gate_i with up_(i+1),
+    gate and up swapped, or not interleaved at all."""
+    from mpinfer.backend.cuda_backend import CudaBackend
+
+    be, I = CudaBackend(), 68
+    right = be.swiglu_rows
+    wrong = [lambda a: right(np.concatenate([a[:I], np.roll(a[I:], -1, axis=0)])),
+             lambda a: right(np.concatenate([a[I:], a[:I]])), lambda a: a]
+    for rows in wrong:
+        monkeypatch.setattr(be, "swiglu_rows", rows)
+        assert _swiglu_err(fake_gpu, be, 7, 40, I, True) > 0.1
+
+
 def _fake_job(ranks, job, **env):
     cmd = [os.path.join(BIN, "mpiexec"), "-n", str(ranks), sys.executable, os.path.join(os.path.dirname(__file__),
                                                                                            "fake_gpu.py"), "run", str(job)]

@@ -11,11 +11,16 @@ A ~ N(0, 1), W ~ N(0, 1/K), b ~ N(0, 1): outputs are O(1).
 Timing (CUDA events, of calls replayed from CUDA graphs: a Python call costs as long as
 a 1024^3 or decode-shaped kernel; decode shapes cycle through copies of W over 3x the L2
 so W is read from memory): prefill shapes (square 1024..8192, Llama-3-8B's MLP, ragged M
-and N with a bias, and the wgmma kernel's fused SwiGLU epilogue) against torch.matmul in
-bf16 (cuBLAS), ratio = torch_us / us and TFLOP/s of both, with the mma.sync kernel's time
-and error beside the backend's path (mma_sync_*; not for SwiGLU, which only wgmma has);
-decode shapes (M <= 16) as bw_frac = (W + A + C bytes) / time / copy bandwidth, with the
-torch.matmul time beside it.
+and N with a bias, and the fused SwiGLU epilogue) against torch.matmul in bf16 (cuBLAS),
+ratio = torch_us / us and TFLOP/s of both, with the mma.sync kernel's time and error beside
+the backend's path (mma_sync_*); decode shapes (M <= 16) as bw_frac = (W + A + C bytes) /
+time / copy bandwidth, with the torch.matmul time beside it.
+
+SwiGLU epilogue (gemm(..., swiglu=True): W's rows gate/up interleaved, C = silu(gate) * up):
+against NumpyBackend.swiglu_linear on the same rows stacked [gate; up] (small, ragged and
+split-K shapes, and 16 x 4096 -> 2 x 14336), against float32 cupy of the same formula at the
+big timed shapes; timed against the unfused pair it replaces, gemm then silu_mul (swiglu.cu)
+on the stacked rows, ratio = unfused_us / us.
 """
 
 import traceback
@@ -24,6 +29,7 @@ import cupy
 import numpy as np
 
 from mpinfer.backend import cuda_gemm, cuda_wgmma, kernels
+from mpinfer.backend.cuda_elementwise import silu_mul
 from mpinfer.backend.cuda_gemm import GEMV_MAX_M, gemm, gemv_plan, prefill_path
 from mpinfer.backend.numpy_backend import NumpyBackend
 from util import bits_to_f32, copy_bandwidth, poisoned, rel_err, result, time_us
@@ -225,6 +231,61 @@ def _empty(rng):
     return {"kernel": "gemm (no rows)", "shape": [0, 576, 1536], "ok": out.shape == (0, 576)}
 
 
+# ---- SwiGLU epilogue: N = 2I weight rows, gate/up interleaved
+SWIGLU_CHECKS = [(1, 3072, 576, True), (3, 74, 600, True), (16, 28672, 4096, True), (17, 1002, 200, True),
+                 (300, 1002, 1536, False)]  # (M, N = 2I, K, bias): NumPy reference
+SWIGLU_TIMED = [(1, 28672, 4096), (16, 28672, 4096), (1024, 28672, 4096), (2048, 28672, 4096), (4096, 28672, 4096)]
+
+
+def _swiglu_name(M, N, K):
+    if M > GEMV_MAX_M:
+        return f"gemm_{prefill_path()}_swiglu"
+    name, _, splits, _ = gemv_plan(N, K)
+    return f"{name} + gemv_reduce_swiglu" if splits > 1 else f"{name}_swiglu"
+
+
+def _stacked(x):
+    """Interleaved gate/up rows (2i gate_i, 2i + 1 up_i) -> [gate; up]: the unfused layout."""
+    return cupy.ascontiguousarray(cupy.concatenate([x[0::2], x[1::2]]))
+
+
+def _swiglu_gpu_ref(a, w, b):
+    y = _gpu_ref(a, w, b)
+    g, u = y[:, 0::2], y[:, 1::2]
+    return g / (1 + cupy.exp(-g)) * u
+
+
+def _swiglu_check(rng, M, N, K, with_bias):
+    a, w, b = _inputs(rng, M, N, K, with_bias)
+    out = gemm(a, w, b, out=poisoned((M, N // 2)), swiglu=True)
+    ref = NumpyBackend(threads=1).swiglu_linear(bits_to_f32(a.get()), bits_to_f32(_stacked(w).get()),
+                                                None if b is None else _stacked(b).get())
+    return result(_swiglu_name(M, N, K), [M, N, K], out.get(), ref, bias=with_bias)
+
+
+def _swiglu_timed(rng, M, N, K):
+    a, w, _ = _inputs(rng, M, N, K, False)
+    out = gemm(a, w, out=poisoned((M, N // 2)), swiglu=True)
+    ref = _swiglu_gpu_ref(a, w, None)
+    err = float(cupy.linalg.norm(out - ref) / cupy.linalg.norm(ref)) if bool(cupy.isfinite(out).all()) else float("inf")
+    del out, ref
+    ws, I = _stacked(w), N // 2
+
+    def unfused():
+        y = gemm(a, ws)
+        return silu_mul(y[:, :I], y[:, I:])
+
+    us = _graph_us([lambda: gemm(a, w, swiglu=True)], reps=5)
+    base = _graph_us([unfused], reps=5)
+    row = {"kernel": _swiglu_name(M, N, K), "shape": [M, N, K], "rel_err": err, "ok": bool(err < 1e-2), "us": us,
+           "baseline": "gemm + silu_mul (unfused)", "baseline_us": base, "ratio": base / us}
+    if M <= GEMV_MAX_M:
+        row["bw_frac"] = (2 * N * K + 2 * M * K + 4 * M * I) / (us * 1e-6) / copy_bandwidth()
+    else:
+        row["tflops"] = 2.0 * M * N * K / us / 1e6
+    return row
+
+
 def run(rng):
     rows = [_row(_name(m, n, k), [m, n, k], lambda: _check(rng, m, n, k, bias)) for m, n, k, bias in CHECKS]
     rows.append(_row("gemm path", [], _path))
@@ -232,5 +293,8 @@ def run(rng):
              for m, n, k, bias, sw in PREFILL]
     rows += [_row(_name(m, n, k), [m, n, k], lambda: _decode(rng, m, n, k)) for m, n, k in DECODE]
     rows.append(_row("gemm (no rows)", [0, 576, 1536], lambda: _empty(rng)))
+    rows += [_row(_swiglu_name(m, n, k), [m, n, k], lambda: _swiglu_check(rng, m, n, k, bias))
+             for m, n, k, bias in SWIGLU_CHECKS]
+    rows += [_row(_swiglu_name(m, n, k), [m, n, k], lambda: _swiglu_timed(rng, m, n, k)) for m, n, k in SWIGLU_TIMED]
     cupy.get_default_memory_pool().free_all_blocks()
     return rows

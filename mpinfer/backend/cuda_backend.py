@@ -117,15 +117,38 @@ class CudaBackend:
     def linear(self, x, w, b=None):
         # x (T, in) float32, or bf16 bits from a matmul_input norm; w (out, in) bf16 or a
         # QuantTensor -> (T, out) float32
-        a = cupy.ascontiguousarray(x) if x.dtype == cupy.uint16 else ew.to_bf16(cupy.ascontiguousarray(x))
+        return self._product(_matmul_rows(x), w, b)
+
+    def swiglu_rows(self, array):
+        """SwiGLU's gate and up parts [gate; up] (2I, ...), a host weight (or its GGUF blocks:
+        whole rows) or bias, interleaved for swiglu_linear: row 2i = gate_i, row 2i + 1 = up_i
+        (each GEMM thread then holds whole pairs)."""
+        if isinstance(array, QuantTensor):
+            return QuantTensor(array.fmt, self.swiglu_rows(array.data))
+        gate, up = np.split(array, 2)
+        return np.stack([gate, up], axis=1).reshape(array.shape)
+
+    def swiglu_linear(self, x, w, b=None):
+        """As NumpyBackend.swiglu_linear, w and b in swiglu_rows order: one GEMM whose epilogue
+        writes silu(gate) * up (T, I), so the (T, 2I) product never goes to memory."""
+        return self._product(_matmul_rows(x), w, b, swiglu=True)
+
+    def _product(self, a, w, b, swiglu=False):
+        """a (T, in) bf16 bits times w: bf16 through gemm (its SwiGLU epilogue included);
+        GGUF blocks through gemv_q for decode rows (no epilogue there: silu_mul on the
+        interleaved pairs after it), else dequantized into the scratch buffer, then gemm."""
         if not isinstance(w, QuantTensor):
-            return gemm(a, w, b)  # b: float32 (bias())
+            return gemm(a, w, b, swiglu=swiglu)  # b: float32 (bias())
         N, K = w.shape
         if len(a) <= GEMV_Q_MAX_M:
-            return gemv_q(a, w.data, w.fmt, N, K, b)
+            y = gemv_q(a, w.data, w.fmt, N, K, b)  # (T, N)
+            if not swiglu:
+                return y
+            pairs = y.reshape(-1, 2)  # (T * N/2, 2): (gate_i, up_i) of each row
+            return ew.silu_mul(pairs[:, :1], pairs[:, 1:]).reshape(len(a), N // 2)
         if self._scratch is None or self._scratch.size < N * K:  # (weight() on loader threads may race on _largest)
             self._scratch = cupy.empty(max(self._largest, N * K), cupy.uint16)
-        return gemm(a, dequantize(w.data, w.fmt, N, K, self._scratch[:N * K].reshape(N, K)), b)
+        return gemm(a, dequantize(w.data, w.fmt, N, K, self._scratch[:N * K].reshape(N, K)), b, swiglu=swiglu)
 
     def rmsnorm(self, x, w, eps, matmul_input=False):
         """float32, or with matmul_input bf16 bits for the linears that read it (no cast pass)."""
@@ -176,6 +199,12 @@ class CudaBackend:
                                         meta.key_slots, meta.key_pos, window)
             out[meta.prefill_rows] = o
         return out
+
+
+def _matmul_rows(x):
+    """A matmul's input rows as the GEMM reads them: contiguous bf16 bits (cast from float32
+    unless a matmul_input norm already gave bf16)."""
+    return cupy.ascontiguousarray(x) if x.dtype == cupy.uint16 else ew.to_bf16(cupy.ascontiguousarray(x))
 
 
 class _Meta:

@@ -4,7 +4,9 @@ Three kernel files (kernels_cuda/gemm.cu, gemm_wgmma.cu, gemv.cu; their headers 
 manuals): decode-shaped products (M <= 16 rows) are memory-bound on W and go to the skinny
 gemv kernel; anything taller goes to a tensor-core GEMM: on Hopper the wgmma + TMA kernel
 (cuda_wgmma.py), elsewhere (or when its sm_90a build fails) the mma.sync one. prefill_path()
-says which.
+says which. Each has a SwiGLU variant (swiglu=True) that takes an MLP's gate/up weight with
+its rows interleaved (CudaBackend.swiglu_rows) and writes silu(gate) * up: half the output,
+and no second pass over the product.
 """
 
 import cupy
@@ -43,12 +45,13 @@ def output(op, out, M, N):
     return out
 
 
-def reduce_splits(dst, b, out):
-    """out (M, N) = the sum of the split-K partials dst (splits, M, N) in split order, + bias b."""
+def reduce_splits(dst, b, out, swiglu=False):
+    """out (M, N) = the sum of the split-K partials dst (splits, M, N) in split order, + bias b;
+    with swiglu out (M, N/2) = silu(gate) * up of those sums' column pairs (2i, 2i + 1)."""
     splits, M, N = dst.shape
-    MN = M * N
-    kernels.function("gemv", "gemv_reduce")(
-        (-(-MN // 256), 1, 1), (256, 1, 1), (dst, b, out, np.int32(MN), np.int32(N), np.int32(splits)))
+    n = M * N // 2 if swiglu else M * N  # outputs
+    kernels.function("gemv", "gemv_reduce_swiglu" if swiglu else "gemv_reduce")(
+        (-(-n // 256), 1, 1), (256, 1, 1), (dst, b, out, np.int32(n), np.int32(N), np.int32(splits)))
 
 
 def _check(a, w, bias):
@@ -66,22 +69,25 @@ def _check(a, w, bias):
     check_bias("gemm", bias, w.shape[0])
 
 
-def gemm(a, w, bias=None, out=None):
+def gemm(a, w, bias=None, out=None, swiglu=False):
     """a (M, K) uint16 bf16 bits, w (N, K) uint16 bf16 bits (a Linear weight, (out, in)),
     bias (N,) float32 or None -> float32 (M, N) = a @ w.T + bias, new or written into out
-    (C-contiguous float32 (M, N)). All C-contiguous, K % 8 == 0, a and w 16-byte aligned."""
+    (C-contiguous float32 (M, N)). All C-contiguous, K % 8 == 0, a and w 16-byte aligned.
+    swiglu: w and bias hold an MLP's gate/up rows interleaved (row 2i gate_i, 2i + 1 up_i; N
+    even) -> float32 (M, N/2) = silu(gate) * up, silu(x) = x / (1 + exp(-x)), in out if given."""
     _check(a, w, bias)
     (M, K), N = a.shape, w.shape[0]
-    out = output("gemm", out, M, N)
+    kernels.require(not swiglu or N % 2 == 0, f"gemm: swiglu needs an even number of weight rows, got {w.shape}")
+    out = output("gemm", out, M, N // 2 if swiglu else N)
     if M == 0 or N == 0:
         return out
     b = bias if bias is not None else null()
     if M <= GEMV_MAX_M:
-        _gemv(a, w, b, out, M, N, K)
+        _gemv(a, w, b, out, M, N, K, swiglu)
     elif cuda_wgmma.available():
-        cuda_wgmma.gemm(a, w, b, out)
+        cuda_wgmma.gemm(a, w, b, out, swiglu)
     else:
-        _gemm(a, w, b, out, M, N, K)
+        _gemm(a, w, b, out, M, N, K, swiglu)
     return out
 
 
@@ -91,13 +97,13 @@ def prefill_path():
     return "wgmma" if cuda_wgmma.available() else "mma.sync"
 
 
-def _gemm(a, w, b, out, M, N, K):
+def _gemm(a, w, b, out, M, N, K, swiglu=False):
     # 128x256 tiles unless they leave over half of the SMs idle; then 128x128 (2 per SM)
     tiles_m = -(-M // _GEMM_BM)
     name = "gemm_bf16_128x256" if tiles_m * -(-N // 256) >= SMS // 2 else "gemm_bf16_128x128"
     bn, stages, threads = _TILES[name]
     smem = stages * (_GEMM_BM + bn) * _GEMM_BK * 2
-    f = kernels.function("gemm", name, smem)
+    f = kernels.function("gemm", name + ("_swiglu" if swiglu else ""), smem)
     grid = (tiles_m * -(-N // bn), 1, 1)
     f(grid, (threads, 1, 1), (a, w, b, out, np.int32(M), np.int32(N), np.int32(K)), shared_mem=smem)
 
@@ -116,12 +122,12 @@ def gemv_plan(N, K):
     return "gemv_bf16", 16, -(-K // kc), kc
 
 
-def _gemv(a, w, b, out, M, N, K):
+def _gemv(a, w, b, out, M, N, K, swiglu=False):
     name, cols, splits, kc = gemv_plan(N, K)
-    dst = out if splits == 1 else cupy.empty((splits, M, N), np.float32)
+    dst = out if splits == 1 else cupy.empty((splits, M, N), np.float32)  # split K: plain partials
     grid = (-(-N // cols), splits, 1)
-    kernels.function("gemv", name)(
+    kernels.function("gemv", name + ("_swiglu" if swiglu and splits == 1 else ""))(
         grid, (256, 1, 1), (a, w, b if splits == 1 else null(), dst, np.int32(M), np.int32(N), np.int32(K),
                             np.int32(kc)))
     if splits > 1:
-        reduce_splits(dst, b, out)
+        reduce_splits(dst, b, out, swiglu)

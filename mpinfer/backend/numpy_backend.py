@@ -101,6 +101,16 @@ class NumpyBackend:
             y += b
         return y
 
+    def swiglu_rows(self, array):
+        """SwiGLU's gate and up parts [gate; up] (2I, ...), a weight or a bias, in the row order
+        swiglu_linear reads them (here as they are; the CUDA backend interleaves them)."""
+        return array
+
+    def swiglu_linear(self, x, w, b=None):
+        # x (T, in), w (2I, in) = [gate; up] (swiglu_rows order), b (2I,) -> silu(gate) * up (T, I)
+        gate, up = np.split(self.linear(x, w, b), 2, axis=-1)
+        return self.silu_mul(gate, up)
+
     def rmsnorm(self, x, w, eps, matmul_input=False):
         # x (..., n), w (n,): normalise over the last axis, as transformers' RMSNorm in float32
         # (matmul_input: the CUDA backend then returns bf16; here matmuls take float32)
