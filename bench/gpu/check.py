@@ -31,8 +31,9 @@ import e2e  # noqa: E402
 import models  # noqa: E402
 from util import copy_bandwidth, time_us  # noqa: E402
 
-AREAS = ["elementwise", "gemm", "attention", "routing", "quant"]
+AREAS = ["elementwise", "rope", "gemm", "attention", "routing", "quant"]
 WORK = Path(os.environ.get("MPINFER_GPU_WORK", "/tmp/mpinfer-gpu"))
+GRAPH_LAYERS = 4  # layers of the 8B-shaped model of the graphs / throughput section (~60 s on an H100)
 
 
 def device_info():
@@ -129,13 +130,17 @@ def main(path, quick=False, only=()):
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node()}
     t0 = time.perf_counter()
     smol, big, small = WORK / "smollm2-shaped", WORK / "llama3-8b-shaped-2layers", WORK / "tp2-model"
+    graphs = WORK / f"llama3-8b-shaped-{GRAPH_LAYERS}layers"
     sections = [("device", device_info), ("compile", compile_all),
                 ("e2e_smollm2_shaped", lambda: e2e.compare(models.write_model(smol, models.SMOLLM2), "cuda")),
                 ("kernels", lambda: kernels(np.random.default_rng(int(time.time())))), ("nccl", nccl)]
     if not quick:
         sections += [("tp2_job", lambda: tp2_job(models.write_model(small, models.TP2))),
                      ("e2e_llama3_8b_shaped", lambda: e2e.compare(
-                         models.write_model(big, dict(models.LLAMA3_8B, num_hidden_layers=2)), "cuda"))]
+                         models.write_model(big, dict(models.LLAMA3_8B, num_hidden_layers=2)), "cuda")),
+                     ("e2e_llama3_8b_graphs", lambda: e2e.graphs_and_throughput(models.write_model(
+                         graphs, dict(models.LLAMA3_8B, num_hidden_layers=GRAPH_LAYERS), device="cuda"),
+                         copy_bandwidth()))]
     if only:
         sections = [(n, f) for n, f in sections if n in only]
     for name, fn in sections:
@@ -161,7 +166,11 @@ def summary(report):
             print(f"{'ok ' if r.get('ok') else 'BAD'} {r.get('kernel', '?'):28.28} {str(r.get('shape', '')):34.34} "
                   f"err={err if isinstance(err, str) else f'{err:.2e}'} {timing}"
                   + (f" ERROR {r['error'][-200:]!r}" if r.get("error") else ""))
-    for name in ("compile", "nccl", "e2e_smollm2_shaped", "e2e_llama3_8b_shaped", "tp2_job"):
+    g = report.get("e2e_llama3_8b_graphs", {})
+    for part in ("batch1", "offline"):
+        if isinstance(g.get(part), dict):
+            print(f"e2e_llama3_8b_graphs {part}:", {k: v for k, v in g[part].items() if not isinstance(v, dict)})
+    for name in ("compile", "nccl", "e2e_smollm2_shaped", "e2e_llama3_8b_shaped", "tp2_job", "e2e_llama3_8b_graphs"):
         s = report.get(name, {})
         brief = {k: s[k] for k in ("ok", "tokens_equal", "tokens_total", "prefill_logits_rel_err", "gpu_generate_s",
                                    "numpy_generate_s", "transport") if k in s}
