@@ -33,7 +33,7 @@ from util import copy_bandwidth, time_us  # noqa: E402
 
 AREAS = ["elementwise", "rope", "gemm", "attention", "routing", "quant"]
 WORK = Path(os.environ.get("MPINFER_GPU_WORK", "/tmp/mpinfer-gpu"))
-GRAPH_LAYERS = 4  # layers of the 8B-shaped model of the graphs / throughput section (~60 s on an H100)
+GRAPH_LAYERS = 4  # layers of the 8B-shaped model of the graphs / throughput section (sized for under ~90 s; not yet timed on a GPU)
 
 
 def device_info():
