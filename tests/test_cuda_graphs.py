@@ -60,6 +60,21 @@ def test_graph_decode_gives_the_eager_tokens(fake_gpu, tiny_model, arch):
     assert again == generate(folder, graphs=False, lens=LENS[::-1], new=NEW[::-1])[0]
 
 
+def test_which_models_get_graphs(fake_gpu, tiny_model):
+    """Graphs only where a whole step can be captured: not for MoE layers (host routing
+    bookkeeping), not on the NumPy backend, not when turned off. (Host-staged TP groups run
+    eagerly in test_cuda's tp 2 jobs: a capture there would raise.)"""
+    from mpinfer.backend import get_backend
+    from mpinfer.model import Decoder
+    from mpinfer.weights import open_checkpoint
+
+    ckpt = open_checkpoint(tiny_model("llama"))
+    assert Decoder(ckpt, get_backend("cuda")).graphs is not None
+    assert Decoder(ckpt, get_backend("cuda"), graphs=False).graphs is None
+    assert Decoder(ckpt, get_backend("numpy")).graphs is None
+    assert Decoder(open_checkpoint(tiny_model("mixtral")), get_backend("cuda")).graphs is None
+
+
 def test_stale_static_buffer_is_caught(fake_gpu, tiny_model, monkeypatch):
     """A planted bug: the replays after a bucket's first keep its first step's kv_lens (a static
     buffer not refreshed). Attention then reads too few keys and the tokens go wrong."""
