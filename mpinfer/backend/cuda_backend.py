@@ -77,8 +77,9 @@ class CudaBackend:
         return cupy.zeros((rows, heads, head_dim), cupy.uint16)
 
     def _up(self, x, dtype):
-        """A host array on the GPU as dtype; the same host object (cos/sin of a step, used by
-        every layer) is uploaded once. Holding the host array keeps its id from being reused."""
+        """A host array on the GPU as dtype (a device array passes through); the same host
+        object (e.g. a CP step's key positions, used by every layer) is uploaded once. Holding
+        the host array keeps its id from being reused."""
         if isinstance(x, cupy.ndarray):
             return x.astype(dtype, copy=False)
         hit = self._uploads.get(id(x))
