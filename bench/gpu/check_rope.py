@@ -18,7 +18,7 @@ kv_store of k and of v (rope.cu + kv_store.cu), same shapes.
 import cupy
 import numpy as np
 from check_elementwise import _back_to_back, _gen, _guard, _normal
-from util import bf16_bits, copy_bandwidth, rel_err
+from util import bf16_bits, copy_bandwidth, poisoned, rel_err
 
 from mpinfer import rope
 from mpinfer.backend import cuda_attention as ca
@@ -43,7 +43,8 @@ def _variants(dh):
 
 def _tables_row(rng, dh, label, inv_freq):
     positions = np.concatenate([POSITIONS, rng.integers(0, 131072, 4000)]).astype(np.int32)
-    cos, sin = ce.rope_tables(cupy.asarray(positions), cupy.asarray(inv_freq))
+    shape = (len(positions), len(inv_freq))
+    cos, sin = ce.rope_tables(cupy.asarray(positions), cupy.asarray(inv_freq), poisoned(shape), poisoned(shape))
     ref = rope.cos_sin(inv_freq, positions)
     inexact, ulps = 0, 0
     for got, want in zip((cos.get(), sin.get()), ref):
@@ -68,6 +69,7 @@ def _store_rows(g, rng, t, h, hkv, dh, label, timed=False):
     scratch = [np.zeros((rows, hkv, dh), np.float32) for _ in range(2)]
     ref_q, ref_k = NumpyBackend(threads=1).rope_store_kv(qh, kh, vh, cos.get(), sin.get(), *scratch, batch)
     d_slots = cupy.asarray(slots)
+    poisoned((t, h, dh))  # freed at once: the pool hands its NaN block to the kernel's output (same size)
     out = ca.rope_kv_store(q, k, v, cos, sin, d_slots, *pools)
     err = max(rel_err(out.get(), ref_q), rel_err(k.get(), ref_k))
     # the pools: exactly the bf16 bits of the kernel's own roped k (float32 fma contraction may
