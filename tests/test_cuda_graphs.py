@@ -75,6 +75,40 @@ def test_which_models_get_graphs(fake_gpu, tiny_model):
     assert Decoder(open_checkpoint(tiny_model("mixtral")), get_backend("cuda")).graphs is None
 
 
+class _CountingGroup:
+    """An NCCL group's stand-in for the counters: a sum over one rank (x itself), counted as
+    comm.Group counts."""
+
+    def __init__(self):
+        self.counts = {}
+
+    def all_reduce(self, x):
+        c = self.counts.setdefault("all_reduce", {"calls": 0, "bytes": 0})
+        c["calls"] += 1
+        c["bytes"] += x.nbytes
+        return x
+
+
+def test_replays_count_their_collectives(fake_gpu, tiny_model):
+    """A TP group's counters count what ran: with graphs, the same all-reduces as the eager
+    steps (each replay the ones its capture recorded, the capture itself none) plus one
+    warm-up pass per capture. (Their bytes differ: a replay sums its padded rows too.)"""
+    from mpinfer.backend import get_backend
+    from mpinfer.model import Decoder
+    from mpinfer.weights import open_checkpoint
+
+    cuda_graphs = importlib.import_module("mpinfer.backend.cuda_graphs")
+    calls = []
+    for graphs in (False, True):
+        model = Decoder(open_checkpoint(tiny_model("llama")), get_backend("cuda"), graphs=False)
+        model.tp.group = _CountingGroup()  # every row-parallel linear and the embedding all-reduce through it
+        model.graphs = cuda_graphs.DecodeGraphs(model) if graphs else None
+        generate(None, graphs, model=model)
+        calls.append(model.tp.group.counts["all_reduce"]["calls"])
+    per_pass = 2 * len(model.blocks) + 1
+    assert calls[0] == per_pass * max(NEW) and calls[1] == calls[0] + per_pass * len(model.graphs.graphs)
+
+
 def test_stale_static_buffer_is_caught(fake_gpu, tiny_model, monkeypatch):
     """A planted bug: the replays after a bucket's first keep its first step's kv_lens (a static
     buffer not refreshed). Attention then reads too few keys and the tokens go wrong."""

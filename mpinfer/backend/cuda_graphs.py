@@ -13,7 +13,8 @@ GPU work that a stream capture can record, so
   - no TP group, or one that all-reduces over NCCL (cuda_comm.NcclGroup) without sequence
     parallelism: host-staged MPI collectives (groups across nodes, ranks sharing a GPU) and
     sp's all-gather / reduce-scatter copy through host memory, which a capture cannot hold.
-    (The group's counters then count a step's all-reduces at its capture, not at each replay.)
+    (The group's counters count a replay's all-reduces as the capture recorded them; their
+    seconds are the eager steps' only.)
 Prefill and mixed steps run eagerly, as every step does on the other layouts.
 
 Buckets: B rows padded up to a power of two, the block-table width (blocks of the longest
@@ -54,10 +55,11 @@ def _bucket(n, least):
 
 
 class _Graph:
-    """One bucket's captured step: the graph, its static inputs and its logits (rows, V/P) float32."""
+    """One bucket's captured step: the graph, its static inputs, its logits (rows, V/P) float32
+    and the TP group's counts it adds at each replay ({op: {field: value}})."""
 
-    def __init__(self, graph, inputs, logits):
-        self.graph, self.inputs, self.logits = graph, inputs, logits
+    def __init__(self, graph, inputs, logits, counts):
+        self.graph, self.inputs, self.logits, self.counts = graph, inputs, logits, counts
 
 
 class DecodeGraphs:
@@ -94,7 +96,19 @@ class DecodeGraphs:
         with self.stream:
             g.inputs.set(pack(ids, batch, *key))  # the one host-to-device copy
             g.graph.launch()
+            self._count(g.counts)
             return cupy.asnumpy(g.logits[:B], stream=self.stream)
+
+    def _counts(self):
+        group = self.model.tp.group
+        return {} if group is None else {op: dict(c) for op, c in group.counts.items()}
+
+    def _count(self, counts, sign=1):
+        """Add counts ({op: {field: value}}) to the TP group's counters."""
+        for op, c in counts.items():
+            mine = self.model.tp.group.counts.setdefault(op, dict.fromkeys(c, 0))
+            for field, value in c.items():
+                mine[field] += sign * value
 
     def _capture(self, pool, rows, width):
         m = self.model
@@ -112,12 +126,16 @@ class DecodeGraphs:
 
             forward()  # warm-up: kernels loaded, the pool holds every block the capture takes
             self.stream.synchronize()
+            before = self._counts()
             self.stream.begin_capture()
             try:
                 logits = forward()
             finally:
                 graph = self.stream.end_capture()
-        g = self.graphs[rows, width] = _Graph(graph, inputs, logits)
+        # the capture counted collectives that did not run yet: they count at each replay
+        counts = {op: {f: v - before.get(op, {}).get(f, 0) for f, v in c.items()} for op, c in self._counts().items()}
+        self._count(counts, -1)
+        g = self.graphs[rows, width] = _Graph(graph, inputs, logits, counts)
         return g
 
 
