@@ -3,8 +3,10 @@ wrappers (cuda_gemm, cuda_elementwise, cuda_attention, cuda_routing) replaced by
 references on the same bf16 bits. With it the CUDA backend's own code (cuda_backend.py:
 weights to bf16, the casts before each matmul, the per-step attention metadata, decode and
 prefill rows split between two kernels, negative KV slots, MoE routing; cuda_comm.py: the
-host-staged MPI groups; the runner and the pipeline moving its arrays) runs in CI with real
-MPI jobs. The kernels themselves are checked on a GPU by bench/gpu/check.py.
+host-staged MPI groups; the runner and the pipeline moving its arrays; cuda_graphs.py's
+captures and replays, under a real capture's rules) runs in CI with real MPI jobs. Device
+arrays are a NumPy subclass, and a kernel stand-in refuses host arrays. The kernels
+themselves are checked on a GPU by bench/gpu/check.py.
 
     import fake_gpu; fake_gpu.install()     # before mpinfer.backend.cuda_backend is imported
 
