@@ -15,6 +15,15 @@
 // Checked: bench/gpu/check_elementwise.py against NumpyBackend.rope on bf16-rounded x and
 // float32 cos/sin; timed as bw_frac (x read, out written, cos/sin read) next to a cupy
 // device-to-device copy of the same bytes.
+//
+// rope_tables(pos, inv_freq, cos, sin, T, half): a step's cos/sin tables on the device, as
+//   mpinfer/rope.cos_sin: cos[t, i] = float32(cos(float64(pos[t]) * inv_freq[i])), likewise sin.
+//   pos (T,) int32, inv_freq (half,) float64 (rope.inv_freq: every scaling variant is in it),
+//   cos, sin (T, half) float32. The angle is one correctly rounded double product (__dmul_rn: no
+//   contraction), as NumPy's; CUDA's double sincos is within 2 ulp, so the float32 results equal
+//   NumPy's unless the exact value lies within ~2^-50 relative of a float32 rounding boundary.
+//   One thread per element: grid ceil(T * half / 256), block 256. (The graphs of decode steps
+//   read positions from a device buffer, so the tables cannot come from the host.)
 #include "common.cuh"
 
 template <int V>
@@ -50,4 +59,15 @@ extern "C" __global__ void rope_v4(const float* x, const float* cos, const float
 extern "C" __global__ void rope_s1(const float* x, const float* cos, const float* sin, float* out, int heads,
                                    int half) {
     rope_token<1>(x, cos, sin, out, heads, half);
+}
+
+extern "C" __global__ void rope_tables(const int* __restrict__ pos, const double* __restrict__ inv_freq,
+                                       float* __restrict__ cos_out, float* __restrict__ sin_out, int T, int half) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)T * half) return;
+    const int t = (int)(i / half), j = (int)(i % half);
+    double s, c;
+    sincos(__dmul_rn((double)pos[t], inv_freq[j]), &s, &c);
+    cos_out[i] = (float)c;
+    sin_out[i] = (float)s;
 }

@@ -41,6 +41,7 @@ class Engine:
     block_size: int = 16  # tokens per KV-cache block
     kv_cache_gb: float = 1.0  # GiB of KV cache per replica
     flush_seconds: float = 5.0  # finished requests reach the results file at least this often
+    cuda_graphs: bool = True  # on GPUs, decode steps replay a CUDA graph where they can (backend/cuda_graphs.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,7 @@ _ENGINE_RULES = {
     "block_size": (int, lambda v: v in [2**i for i in range(9)], "must be a power of two from 1 to 256"),
     "kv_cache_gb": (float, lambda v: v > 0, "must be > 0"),
     "flush_seconds": (float, lambda v: v > 0, "must be > 0"),
+    "cuda_graphs": (bool, lambda v: True, ""),
 }
 _MOE_RULES = {
     "capacity_factor": (float, lambda v: v >= 0, "must be >= 0 (0: no capacity limit)"),

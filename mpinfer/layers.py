@@ -173,10 +173,9 @@ class Attention:
         v = v.reshape(T, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.be.rope(q, cos, sin), self.be.rope(k, cos, sin)
         k_pool, v_pool = kv.k[self.slot], kv.v[self.slot]  # (slots, Hkv/P, Dh)
-        self.be.store_kv(k_pool, batch.slots, k)  # slot -1: under CP, a token another rank stores
-        self.be.store_kv(v_pool, batch.slots, v)
+        # roped q and k; K and V stored at batch.slots (slot -1: under CP, a token another rank stores)
+        q, k = self.be.rope_store_kv(q, k, v, cos, sin, k_pool, v_pool, batch)
         if batch.shares is not None:  # one long prompt over the CP group
             out = self.context(self.be, q, k, v, batch.shares, self.window, kv.cp)
         else:

@@ -60,7 +60,7 @@ class Decoder:
     split over the TP group like the dense MLP). cp_method: "ring" or "ulysses", how a long
     prompt's prefill attention runs over the CP group of its KV pool (context.py)."""
 
-    def __init__(self, ckpt, be, tp_group=None, layers=None, ep=None, cp_method="ring", sp=False):
+    def __init__(self, ckpt, be, tp_group=None, layers=None, ep=None, cp_method="ring", sp=False, graphs=True):
         cfg = self.config = ckpt.config
         self.be = be
         self.tp = tp = TP(be.group(tp_group), sp)  # on GPUs: NCCL inside a node, else host-staged MPI
@@ -88,6 +88,8 @@ class Decoder:
                 self.lm_head = be.weight(ckpt.get("lm_head.weight", (cfg.vocab_size, cfg.hidden_size), vocab))
         divisors = ckpt.get("rope_freqs", (cfg.head_dim // 2,)) if cfg.rope.type == "gguf_freqs" else None
         self.inv_freq = rope.inv_freq(cfg.rope, cfg.head_dim, divisors)
+        # graphs: decode steps replay a CUDA graph where the backend and the layout allow (step())
+        self.graphs = be.decode_graphs(self) if graphs else None
 
     @classmethod
     def load(cls, path, backend="numpy"):
@@ -100,20 +102,32 @@ class Decoder:
         (sum(counts), V/P) for every token with all_logits. Stores the new tokens' K/V and
         commits them to each sequence. Collective over the TP group."""
         batch = seqs[0].pool.batch(seqs, counts)
-        x = self.run_layers(self.embed_tokens(ids), batch)
+        ids = np.asarray(ids, np.int64)
+        return self.step(ids, batch, np.arange(len(ids)) if all_logits else np.cumsum(counts) - 1)
+
+    def step(self, ids, batch, last_tokens):
+        """One engine step of a whole model (first and last pipeline stage): the layers on ids
+        (T,) int64, this rank's new tokens of batch, whose K/V this stores and commits. Returns
+        the float32 logits (R, V/P) of the step's tokens at last_tokens (R of them; None when
+        R = 0). A step of decode rows only may replay a CUDA graph (self.graphs.takes)."""
+        if self.graphs is not None and len(last_tokens) == len(ids) and self.graphs.takes(batch):
+            logits = self.graphs.logits(ids, batch)  # decode rows: each one its sequence's last token
+        else:
+            x = self.run_layers(self.embed_tokens(ids), batch)
+            logits = self.logits(self.final_rows(x, batch, last_tokens)) if len(last_tokens) else None
         batch.commit()
-        return self.logits(x if all_logits else x[np.cumsum(counts) - 1])
+        return logits
 
     def embed_tokens(self, ids):
-        """(T,) token ids -> (T, D). Vocab-parallel lookup: rows of other ranks' ids are zero
-        here, the all-reduce fills them."""
+        """(T,) token ids (host int64, or a device buffer) -> (T, D). Vocab-parallel lookup: rows
+        of other ranks' ids are zero here, the all-reduce fills them."""
         self.tp.tokens = len(ids)
-        return self.tp.finish(self.be.embedding(self.embed, np.asarray(ids, np.int64), self.vocab_offset))
+        return self.tp.finish(self.be.embedding(self.embed, ids, self.vocab_offset))
 
     def run_layers(self, x, batch):
         """This rank's layers on x (T, D); batch: kvcache.Batch, where K/V go and come from."""
         self.tp.tokens = len(batch.positions)
-        cos, sin = rope.cos_sin(self.inv_freq, batch.positions)
+        cos, sin = self.be.rope_tables(self.inv_freq, batch)  # (T, Dh/2) each
         h = None
         for i, block in enumerate(self.blocks):
             next_norm = self.blocks[i + 1].input_norm if i + 1 < len(self.blocks) else None
@@ -136,4 +150,8 @@ class Decoder:
 
     def logits(self, x):
         """(R, D) final hidden states -> (R, V/P) float32 logits of this rank's vocabulary rows."""
-        return self.be.to_numpy(self.be.linear(self.norm(x), self.lm_head))
+        return self.be.to_numpy(self.head(x))
+
+    def head(self, x):
+        """The final norm and the LM head: (R, D) -> (R, V/P) logits, the backend's array."""
+        return self.be.linear(self.norm(x), self.lm_head)

@@ -19,7 +19,7 @@ BIN = os.path.dirname(sys.executable)
 
 # one op per file (issue 7): if a file goes missing the list below says which
 EXPECTED = {"attention_decode", "attention_prefill", "cast", "dequant", "embedding", "gemm", "gemm_wgmma", "gemv",
-            "gemv_q", "kv_store", "moe_routing", "rmsnorm", "rope", "sampling", "swiglu"}
+            "gemv_q", "kv_store", "moe_routing", "rmsnorm", "rope", "rope_kv_store", "sampling", "swiglu"}
 
 
 def test_every_expected_kernel_file_exists():

@@ -31,8 +31,9 @@ import e2e  # noqa: E402
 import models  # noqa: E402
 from util import copy_bandwidth, time_us  # noqa: E402
 
-AREAS = ["elementwise", "gemm", "attention", "routing", "quant"]
+AREAS = ["elementwise", "rope", "gemm", "attention", "routing", "quant"]
 WORK = Path(os.environ.get("MPINFER_GPU_WORK", "/tmp/mpinfer-gpu"))
+GRAPH_LAYERS = 4  # layers of the 8B-shaped model of the graphs / throughput section (sized for under ~90 s; not yet timed on a GPU)
 
 
 def device_info():
@@ -150,6 +151,7 @@ def main(path, quick=False, only=()):
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node()}
     t0 = time.perf_counter()
     smol, big, small = WORK / "smollm2-shaped", WORK / "llama3-8b-shaped-2layers", WORK / "tp2-model"
+    graphs = WORK / f"llama3-8b-shaped-{GRAPH_LAYERS}layers"
     sections = [("device", device_info), ("compile", compile_all), ("wgmma_probe", wgmma_probe),
                 ("e2e_smollm2_shaped", lambda: e2e.compare(models.write_model(smol, models.SMOLLM2), "cuda")),
                 # the GPU from the Q4_1 blocks (linears W4A16), NumPy from their float32 values
@@ -159,7 +161,10 @@ def main(path, quick=False, only=()):
     if not quick:
         sections += [("tp2_job", lambda: tp2_job(models.write_model(small, models.TP2))),
                      ("e2e_llama3_8b_shaped", lambda: e2e.compare(
-                         models.write_model(big, dict(models.LLAMA3_8B, num_hidden_layers=2)), "cuda"))]
+                         models.write_model(big, dict(models.LLAMA3_8B, num_hidden_layers=2)), "cuda")),
+                     ("e2e_llama3_8b_graphs", lambda: e2e.graphs_and_throughput(models.write_model(
+                         graphs, dict(models.LLAMA3_8B, num_hidden_layers=GRAPH_LAYERS), device="cuda"),
+                         copy_bandwidth()))]
     if only:
         sections = [(n, f) for n, f in sections if n in only]
     for name, fn in sections:
@@ -186,8 +191,12 @@ def summary(report):
             print(f"{'ok ' if r.get('ok') else 'BAD'} {r.get('kernel', '?'):28.28} {str(r.get('shape', '')):34.34} "
                   f"err={err if isinstance(err, str) else f'{err:.2e}'} {timing}"
                   + (f" ERROR {r['error'][-200:]!r}" if r.get("error") else ""))
+    g = report.get("e2e_llama3_8b_graphs", {})
+    for part in ("batch1", "offline"):
+        if isinstance(g.get(part), dict):
+            print(f"e2e_llama3_8b_graphs {part}:", {k: v for k, v in g[part].items() if not isinstance(v, dict)})
     for name in ("compile", "wgmma_probe", "nccl", "e2e_smollm2_shaped", "e2e_smollm2_shaped_q4_1", "e2e_llama3_8b_shaped",
-                 "tp2_job"):
+                 "tp2_job", "e2e_llama3_8b_graphs"):
         s = report.get(name, {})
         brief = {k: s[k] for k in ("ok", "tokens_equal", "tokens_total", "prefill_logits_rel_err", "gpu_generate_s",
                                    "numpy_generate_s", "gpu_weight_bytes", "transport", "fallback") if k in s}

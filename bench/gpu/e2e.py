@@ -73,3 +73,118 @@ def compare(folder, backend, new=32, seed=0, lens=(5, 17, 64, 100, 129, 300, 511
             "numpy_load_s": runs["numpy_s"][0], "numpy_generate_s": runs["numpy_s"][1],
             "gpu_load_s": runs["gpu_s"][0], "gpu_generate_s": runs["gpu_s"][1],
             "numpy_weight_bytes": runs["numpy_s"][2], "gpu_weight_bytes": runs["gpu_s"][2], "prompts": per_prompt}
+
+
+# ---- CUDA graphs and throughput (issue 10): an 8B-shaped model (models.LLAMA3_8B, fewer layers)
+
+def decode_rate(model, prompt, steps):
+    """Batch-1 greedy decode after prompt: (tokens/s over steps decode steps, the tokens)."""
+    cfg = model.config
+    pool = PagedKVCache(len(model.blocks), model.kv_heads, cfg.head_dim, (len(prompt) + steps) // 16 + 2, 16, model.be)
+    seq = pool.sequence()
+    token = int(np.argmax(model.forward(prompt, [seq], [len(prompt)])[0]))
+    tokens = [token]
+    for _ in range(3):  # warm-up (the graph's capture)
+        tokens.append(int(np.argmax(model.forward([tokens[-1]], [seq], [1])[0])))
+    t = time.perf_counter()
+    for _ in range(steps):  # the logits come back to the host every step: timed to the last
+        tokens.append(int(np.argmax(model.forward([tokens[-1]], [seq], [1])[0])))
+    return steps / (time.perf_counter() - t), tokens
+
+
+def engine_run(model, tokenizer, prompts, new):
+    """mpinfer's engine (continuous batching, as `mpinfer run` steps it) on prompts, greedy:
+    (generated tokens/s, outputs)."""
+    from mpinfer.engine.scheduler import Scheduler
+    from mpinfer.io.prompts import Request
+    from mpinfer.params import SamplingParams
+
+    pool = PagedKVCache.for_model(model, 4 * 2**30, 16, len(model.blocks))
+    sched = Scheduler(model, tokenizer, pool, max_batch_tokens=2048, max_seqs=len(prompts))
+    sched.add([Request(i, str(i), np.asarray(p, np.int32), SamplingParams(max_new_tokens=new))
+               for i, p in enumerate(prompts)])
+    out, t = {}, time.perf_counter()
+    while not sched.idle:
+        for r in sched.step():
+            out[r["index"]] = list(r["output_ids"])
+    seconds = time.perf_counter() - t
+    outs = [out[i] for i in range(len(prompts))]
+    return sum(map(len, outs)) / seconds, outs
+
+
+def hf_generate(folder, prompts, new, eos, device="cuda"):
+    """transformers' LlamaForCausalLM on the same checkpoint, bf16, `generate` greedy on all
+    prompts as one batch (equal lengths: no padding): (generated tokens/s, outputs cut after
+    EOS as the engine stops there)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16).to(device).eval()
+    ids = torch.tensor(np.array(prompts), device=device)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=eos)
+    with torch.no_grad():
+        model.generate(input_ids=ids[:4], attention_mask=torch.ones_like(ids[:4]), max_new_tokens=4, **kw)  # warm-up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, **kw)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t
+    outs = [row[: row.index(eos) + 1] if eos in row else row for row in gen[:, ids.shape[1]:].tolist()]
+    del model
+    return sum(map(len, outs)) / seconds, outs
+
+
+def _agreement(a, b):
+    """Equal outputs, and the mean fraction of each output before the first difference."""
+    same = [next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), min(len(p), len(q))) / max(len(p), 1)
+            for p, q in zip(a, b)]
+    return {"equal": sum(p == q for p, q in zip(a, b)), "of": len(a), "mean_prefix_fraction": float(np.mean(same))}
+
+
+def graphs_and_throughput(folder, copy_bw, backend="cuda", prompts=64, prompt_len=128, new=128, decode_steps=64,
+                          hf_device="cuda"):
+    """(a) batch-1 decode tok/s with and without CUDA graphs, and against the HBM roofline:
+    weight bytes read per token (every weight but the embedding table, of which one row is
+    read) over copy_bw (bytes/s); the greedy tokens of both runs. (b) offline throughput of
+    the engine on `prompts` random prompts x `new` tokens (graphs on and off) against
+    transformers `generate` on the same GPU, prompts and new tokens."""
+    from mpinfer.backend import get_backend
+    from mpinfer.tokenizer import load_tokenizer
+
+    ckpt = open_checkpoint(folder)
+    t = time.perf_counter()
+    model = Decoder(ckpt, get_backend(backend))
+    out = {"layers": ckpt.config.num_layers, "load_s": time.perf_counter() - t}
+    graphs, rng = model.graphs, np.random.default_rng(0)
+    V = ckpt.config.vocab_size
+    prompt = rng.integers(3, V, prompt_len)
+    rate_g, tokens_g = decode_rate(model, prompt, decode_steps)
+    model.graphs = None
+    rate_e, tokens_e = decode_rate(model, prompt, decode_steps)
+    weight_bytes = model.be.weight_bytes - model.embed.nbytes
+    roofline = copy_bw / weight_bytes
+    out["batch1"] = {"tok_s_graphs": rate_g, "tok_s_eager": rate_e, "graph_speedup": rate_g / rate_e,
+                     "weight_bytes_per_token": weight_bytes, "roofline_tok_s": roofline,
+                     "roofline_frac_graphs": rate_g / roofline, "roofline_frac_eager": rate_e / roofline,
+                     "tokens_equal": int(np.sum(np.array(tokens_g) == np.array(tokens_e))), "tokens": len(tokens_g)}
+    tokenizer = load_tokenizer(folder, ckpt)
+    batch = [rng.integers(3, V, prompt_len).tolist() for _ in range(prompts)]
+    engine_run(model, tokenizer, batch[:4], 4)  # warm-up (kernels, the eager steps)
+    eager_rate, eager_out = engine_run(model, tokenizer, batch, new)
+    model.graphs = graphs
+    engine_run(model, tokenizer, batch[:4], 4)
+    ours_rate, ours_out = engine_run(model, tokenizer, batch, new)
+    out["offline"] = {"prompts": prompts, "prompt_tokens": prompt_len, "new_tokens": new, "tok_s_graphs": ours_rate,
+                      "tok_s_eager": eager_rate, "graphs_vs_eager": _agreement(ours_out, eager_out)}
+    del model
+    eos = (ckpt.config.eos_token_ids or (None,))[0]
+    hf_rate, hf_out = hf_generate(folder, batch, new, eos, hf_device)
+    out["offline"].update({"transformers_tok_s": hf_rate, "ratio_vs_transformers": ours_rate / hf_rate,
+                           "ours_vs_transformers": _agreement(ours_out, hf_out)})
+    # graphs and eager runs differ only in decode-attention splits (a graph's padded table
+    # width) and padded GEMM rows: bf16-noise flips at near ties, rare with these logits
+    out["ok"] = (out["batch1"]["tokens_equal"] >= 0.9 * out["batch1"]["tokens"]
+                 and out["offline"]["graphs_vs_eager"]["mean_prefix_fraction"] > 0.9)
+    return out

@@ -23,20 +23,21 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=
 TP2 = dict(SMOLLM2, hidden_size=512, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=8)
 
 
-def write_model(folder, dims, seed=0):
-    """A checkpoint with the dimensions dims (SMOLLM2, LLAMA3_8B, or fewer layers of one)."""
+def write_model(folder, dims, seed=0, device="cpu"):
+    """A checkpoint with the dimensions dims (SMOLLM2, LLAMA3_8B, or fewer layers of one);
+    device: where the random numbers are drawn (an 8B-shaped model's billions: "cuda")."""
     import torch
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)
     D, I, V = dims["hidden_size"], dims["intermediate_size"], dims["vocab_size"]
     Dh = D // dims["num_attention_heads"]
     H, Hkv = dims["num_attention_heads"], dims["num_key_value_heads"]
 
     def rand(*shape, std):
-        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
+        return (torch.randn(*shape, generator=g, device=device) * std).to(torch.bfloat16).cpu()
 
     embed_std = 3.0 / np.sqrt(D)  # logits = normed h . e: std about 3
     tensors = {"model.embed_tokens.weight": rand(V, D, std=embed_std),

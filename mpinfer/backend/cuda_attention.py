@@ -1,5 +1,5 @@
 """Attention and KV-cache writes of the CUDA backend (kernels_cuda/attention_prefill.cu,
-attention_decode.cu, kv_store.cu).
+attention_decode.cu, kv_store.cu, rope_kv_store.cu).
 
 Shapes: T query rows, H query heads, Hkv KV heads (H = G * Hkv, query head h reads KV head
 h // G), Dh head dim (64 or 128), R pool rows (num_blocks * block_size), B sequences. KV pools
@@ -65,6 +65,48 @@ def store_kv(pool, slots, x):
         kernels.function("kv_store", "kv_store_bf16")(((n + 255) // 256,), (256,),
                                                       (x, slots, pool, np.int32(T), np.int32(row), np.int32(len(pool))))
     return pool
+
+
+def _rows(name, a, heads, Dh):
+    """a float32 (T, heads, Dh) with contiguous rows any whole number of elements apart ->
+    that row stride, in elements."""
+    require(isinstance(a, cupy.ndarray) and a.dtype == np.float32 and a.ndim == 3 and a.shape[1:] == (heads, Dh)
+            and a.strides[1:] == (Dh * 4, 4) and a.strides[0] % 4 == 0 and a.strides[0] >= 0,
+            f"{name}: need float32 (T, {heads}, {Dh}) with contiguous rows, got {getattr(a, 'dtype', '?')} "
+            f"{getattr(a, 'shape', '?')} strides {getattr(a, 'strides', '?')}")
+    return a.strides[0] // 4
+
+
+def rope_kv_store(q, k, v, cos, sin, slots, k_pool, v_pool):
+    """RoPE and the KV store in one pass (kernels_cuda/rope_kv_store.cu). q (T, H, Dh), k, v
+    (T, Hkv, Dh) float32, each token's row contiguous (e.g. column blocks of one QKV output);
+    cos, sin (T, Dh/2) float32; slots (T,) int32; pools (R, Hkv, Dh) bf16 bits. Returns q roped,
+    a new contiguous (T, H, Dh) array; k is roped in place; pool[slots[t]] gets bf16 of the
+    roped k and of v for every slots[t] >= 0. As NumpyBackend.rope_store_kv."""
+    _check_pool("rope_kv_store k_pool", k_pool)
+    T, (R, Hkv, Dh) = len(q), k_pool.shape
+    require(q.ndim == 3 and q.shape[2] == Dh and q.shape[1] % Hkv == 0,
+            f"rope_kv_store q: shape {getattr(q, 'shape', '?')}, need (T, a multiple of {Hkv}, {Dh})")
+    H, half = q.shape[1], Dh // 2
+    _check_pool("rope_kv_store v_pool", v_pool, Hkv, Dh)
+    sq, sk, sv = (_rows(f"rope_kv_store {n}", a, h, Dh) for n, a, h in (("q", q, H), ("k", k, Hkv), ("v", v, Hkv)))
+    require(len(k) == len(v) == T and Dh % 2 == 0, f"rope_kv_store: q, k, v of {T}, {len(k)}, {len(v)} tokens")
+    _check_array("rope_kv_store slots", slots, np.int32, 1)
+    for name, a in (("cos", cos), ("sin", sin)):
+        _check_array(f"rope_kv_store {name}", a, np.float32, 2)
+        require(a.shape == (T, half), f"rope_kv_store {name}: shape {a.shape}, need ({T}, {half})")
+    require(slots.shape == (T,), f"rope_kv_store slots: shape {slots.shape}, need ({T},)")
+    out = cupy.empty((T, H, Dh), np.float32)
+    if T == 0:
+        return out
+    vec = half % 4 == 0 and sq % 4 == 0 and sk % 4 == 0 and sv % 4 == 0 and all(
+        a.data.ptr % 16 == 0 for a in (q, k, v, cos, sin, out))
+    V = 4 if vec else 1
+    threads = min(256, max(32, -(-(H + 2 * Hkv) * half // V // 32) * 32))
+    f = kernels.function("rope_kv_store", "rope_kv_store_v4" if vec else "rope_kv_store_s1")
+    f((T,), (threads,), (q, k, v, np.int64(sq), np.int64(sk), np.int64(sv), cos, sin, slots, out, k_pool, v_pool,
+                         np.int32(H), np.int32(Hkv), np.int32(half), np.int32(R)))
+    return out
 
 
 def varlen_attention(q, k_pool, v_pool, seg_q, q_pos, seg_k, key_slots, key_pos, window=0, out=None, lse=None):

@@ -7,8 +7,10 @@ embedding and LM head are bf16 whatever the file holds); activations between ops
 float32 cupy arrays, so the model code's residual adds, splits and reshapes run unchanged
 on either backend. Every matmul rounds its input rows to bf16 (one cast pass) and
 accumulates in fp32 on the tensor cores; attention reads bf16 K/V and accumulates in fp32.
-Small host arrays the model passes in (positions, slots, cos/sin of the step) are uploaded
-once per step, not once per layer.
+A step's metadata (positions, KV slots, block tables, lengths: _Meta) is uploaded once per
+step, not once per layer, and everything derived from it (RoPE's cos/sin tables) is
+computed on the GPU, so that a decode step can also run as a CUDA graph reading static
+device buffers (cuda_graphs.py).
 
 A product on a quantized weight: M <= 16 rows through gemv_q (the blocks dequantized inside
 the GEMM); taller ones dequantize the weight into a bf16 scratch buffer (one per backend, the
@@ -49,6 +51,7 @@ class CudaBackend:
         self._uploads = OrderedDict()  # id(host array) -> (host array, device copy): the last few
         self._largest = 0  # weights of the largest quantized weight: the scratch buffer's size
         self._scratch = None  # bf16 (largest,): a quantized weight dequantized for a prefill product
+        self._inv_freq = {}  # id(model's rope.inv_freq) -> (it, float64 device copy)
 
     def weight(self, array):
         """A checkpoint tensor (float32 numpy) -> bf16 bits on the GPU, rounded to nearest even;
@@ -98,8 +101,9 @@ class CudaBackend:
         return cupy.zeros((rows, heads, head_dim), cupy.uint16)
 
     def _up(self, x, dtype):
-        """A host array on the GPU as dtype; the same host object (cos/sin of a step, used by
-        every layer) is uploaded once. Holding the host array keeps its id from being reused."""
+        """A host array on the GPU as dtype (a device array passes through); the same host
+        object (e.g. a CP step's key positions, used by every layer) is uploaded once. Holding
+        the host array keeps its id from being reused."""
         if isinstance(x, cupy.ndarray):
             return x.astype(dtype, copy=False)
         hit = self._uploads.get(id(x))
@@ -111,8 +115,15 @@ class CudaBackend:
             self._uploads.popitem(last=False)
         return dev
 
+    def decode_graphs(self, model):
+        """The model's decode steps as CUDA graphs (cuda_graphs.py), or None where they cannot be."""
+        from .cuda_graphs import DecodeGraphs
+
+        return DecodeGraphs.of(model)
+
     def embedding(self, table, ids, offset=0):
-        return ew.embedding(table, self._up(ids, np.int64), offset)
+        # ids (T,) host int64, or a decode graph's int32 device buffer
+        return ew.embedding(table, self._up(ids, np.int32), offset)
 
     def linear(self, x, w, b=None):
         # x (T, in) float32, or bf16 bits from a matmul_input norm; w (out, in) bf16 or a
@@ -159,15 +170,19 @@ class CudaBackend:
         decoder loop) and the norm of the sum."""
         return ew.add_rmsnorm(cupy.ascontiguousarray(x), cupy.ascontiguousarray(delta), w, eps, bf16=matmul_input)
 
-    def rope(self, x, cos, sin):
-        return ew.rope(cupy.ascontiguousarray(x), self._up(cos, np.float32), self._up(sin, np.float32))
+    def rope_tables(self, inv_freq, batch):
+        """As NumpyBackend.rope_tables, on the GPU from the step's device positions."""
+        hit = self._inv_freq.get(id(inv_freq))
+        if hit is None or hit[0] is not inv_freq:
+            hit = self._inv_freq[id(inv_freq)] = (inv_freq, cupy.asarray(np.ascontiguousarray(inv_freq, np.float64)))
+        return ew.rope_tables(_Meta.of(batch).positions, hit[1])
+
+    def rope_store_kv(self, q, k, v, cos, sin, k_pool, v_pool, batch):
+        """As NumpyBackend.rope_store_kv, one kernel pass; q comes back contiguous, k roped in place."""
+        return att.rope_kv_store(q, k, v, cos, sin, _Meta.of(batch).slots, k_pool, v_pool), k
 
     def silu_mul(self, gate, up):
         return ew.silu_mul(gate, up)
-
-    def store_kv(self, pool, slots, x):
-        # slots (T,): pool rows; negative = not stored here (under CP another rank stores it)
-        att.store_kv(pool, self._up(slots, np.int32), cupy.ascontiguousarray(x, cupy.float32))
 
     def partial_attention(self, q, k, v, q_pos, k_pos, window):
         """As NumpyBackend.partial_attention; k, v float32 activations or bf16 pool rows."""
@@ -187,7 +202,7 @@ class CudaBackend:
         meta = _Meta.of(batch)
         q = cupy.ascontiguousarray(q)
         out = cupy.empty_like(q)
-        if meta.decode_rows is not None:
+        if meta.decode:
             o = att.decode_attention(q[meta.decode_rows] if meta.gather_decode else q, k_pool, v_pool, meta.tables,
                                      meta.kv_lens, batch.pool.block_size, window)
             if meta.gather_decode:
@@ -208,29 +223,45 @@ def _matmul_rows(x):
 
 
 class _Meta:
-    """A batch's attention metadata on the GPU, built once per step (every layer shares it)."""
+    """A batch's metadata on the GPU, built once per step (every layer shares it): positions and
+    slots (T,) int32 of the step's tokens, and what attention needs. decode: some rows are
+    decode rows, through the decode kernel with tables (B, nb) and kv_lens (B,); gather_decode:
+    they are not all the rows (decode_rows: where they are); prefill_rows (or None): the varlen
+    kernel's rows and segments."""
+
+    decode, gather_decode, decode_rows, prefill_rows = False, False, None, None
 
     @classmethod
     def of(cls, batch):
         meta = getattr(batch, "_cuda_meta", None)
         if meta is None:
-            meta = batch._cuda_meta = cls(batch)
+            meta = batch._cuda_meta = cls.eager(batch)
         return meta
 
-    def __init__(self, batch):
+    @classmethod
+    def for_decode(cls, positions, slots, tables, kv_lens):
+        """A step of decode rows only, from device arrays (a decode graph's static buffers)."""
+        meta = cls()
+        meta.positions, meta.slots, meta.tables, meta.kv_lens, meta.decode = positions, slots, tables, kv_lens, True
+        return meta
+
+    @classmethod
+    def eager(cls, batch):
+        meta = cls()
+        meta.positions, meta.slots = (cupy.asarray(a.astype(np.int32)) for a in (batch.positions, batch.slots))
         starts = np.concatenate([[0], np.cumsum(batch.q_lens)]).astype(np.int64)
         plain = np.array([k is None for k in batch.key_pos], bool)
         decode = np.flatnonzero((batch.q_lens == 1) & plain)
         prefill = np.flatnonzero((batch.q_lens > 1) & plain)
-        self.decode_rows = self.prefill_rows = None
         # every row a decode row, in order: the decode kernel's output is the whole result
-        self.gather_decode = not (len(decode) == len(batch.q_lens) == starts[-1])
+        meta.gather_decode = not (len(decode) == len(batch.q_lens) == starts[-1])
         if len(decode):
             bs = batch.pool.block_size
             nb = -(-int(batch.kv_lens[decode].max()) // bs)
-            self.decode_rows = cupy.asarray(starts[decode])
-            self.tables = cupy.asarray(np.ascontiguousarray(batch.tables[decode, :nb], np.int32))
-            self.kv_lens = cupy.asarray(batch.kv_lens[decode].astype(np.int32))
+            meta.decode = True
+            meta.decode_rows = cupy.asarray(starts[decode])
+            meta.tables = cupy.asarray(np.ascontiguousarray(batch.tables[decode, :nb], np.int32))
+            meta.kv_lens = cupy.asarray(batch.kv_lens[decode].astype(np.int32))
         if len(prefill):
             rows, q_pos, slots, key_pos, seg_q, seg_k = [], [], [], [], [0], [0]
             for i in prefill:
@@ -241,7 +272,8 @@ class _Meta:
                 key_pos.append(np.arange(S))
                 seg_q.append(seg_q[-1] + n)
                 seg_k.append(seg_k[-1] + S)
-            self.prefill_rows = cupy.asarray(np.concatenate(rows))
-            self.q_pos, self.key_slots, self.key_pos = (cupy.asarray(np.concatenate(a).astype(np.int32))
+            meta.prefill_rows = cupy.asarray(np.concatenate(rows))
+            meta.q_pos, meta.key_slots, meta.key_pos = (cupy.asarray(np.concatenate(a).astype(np.int32))
                                                         for a in (q_pos, slots, key_pos))
-            self.seg_q, self.seg_k = cupy.asarray(seg_q, np.int32), cupy.asarray(seg_k, np.int32)
+            meta.seg_q, meta.seg_k = cupy.asarray(seg_q, np.int32), cupy.asarray(seg_k, np.int32)
+        return meta

@@ -1,5 +1,5 @@
 """Memory-bound element-wise ops of the CUDA backend: the cast to bf16, RMSNorm (plain, fused
-with the residual add, optionally emitting bf16), RoPE, SwiGLU and the embedding lookup.
+with the residual add, optionally emitting bf16), RoPE and its cos/sin tables, SwiGLU and the embedding lookup.
 
 Activations are float32 cupy arrays, weights bf16 carried as cupy uint16 arrays of the bits.
 Each op picks the kernel variant that moves 16 bytes per load/store when its arrays are
@@ -137,6 +137,25 @@ def rope(x, cos, sin, out=None):
     f = kernels.function("rope", "rope_v4" if vec else "rope_s1")
     f((t,), (_warps(heads * half // v, 256),), (x, cos, sin, out, np.int32(heads), np.int32(half)))
     return out
+
+
+def rope_tables(positions, inv_freq, cos=None, sin=None):
+    """A step's RoPE tables on the device, as rope.cos_sin: positions int32 (T,), inv_freq float64
+    (half,) (rope.inv_freq) -> cos, sin float32 (T, half), new or written into cos, sin."""
+    _check_1d("rope_tables positions", positions, np.int32)
+    _check_1d("rope_tables inv_freq", inv_freq, np.float64)
+    shape = (len(positions), len(inv_freq))
+    cos, sin = _out(cos, shape, np.float32, "cos"), _out(sin, shape, np.float32, "sin")
+    n = shape[0] * shape[1]
+    if n:
+        kernels.function("rope", "rope_tables")((-(-n // BLOCK),), (BLOCK,),
+                                                (positions, inv_freq, cos, sin, np.int32(shape[0]), np.int32(shape[1])))
+    return cos, sin
+
+
+def _check_1d(name, a, dtype):
+    require(a.dtype == dtype and a.ndim == 1 and a.flags.c_contiguous,
+            f"{name}: contiguous {np.dtype(dtype)} (n,) needed, got {a.dtype} {a.shape}")
 
 
 def silu_mul(gate, up, out=None):

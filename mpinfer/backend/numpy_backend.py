@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .. import rope
 from ..context import merge
 
 DECODE_CHUNK = 16  # sequences per decode-attention task: its gathered K/V (a few MB) stay in cache
@@ -81,6 +82,10 @@ class NumpyBackend:
             weights /= weights.sum(axis=-1, keepdims=True)
         return experts, weights
 
+    def decode_graphs(self, model):
+        """None: graphs are the CUDA backend's (a decode step here is one Python pass anyway)."""
+        return None
+
     def kv_pool(self, rows, heads, head_dim):
         """One layer's K or V pool: (rows, heads, head_dim) float32."""
         return np.zeros((rows, heads, head_dim), np.float32)
@@ -128,6 +133,19 @@ class NumpyBackend:
         x1, x2 = x[..., :half], x[..., half:]
         c, s = cos[:, None, :], sin[:, None, :]
         return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+    def rope_tables(self, inv_freq, batch):
+        """cos, sin (T, Dh/2) float32 of the step's positions (rope.cos_sin); inv_freq (Dh/2,) float64."""
+        return rope.cos_sin(inv_freq, batch.positions)
+
+    def rope_store_kv(self, q, k, v, cos, sin, k_pool, v_pool, batch):
+        """RoPE on q (T, H, Dh) and k (T, Hkv, Dh), and the step's new K and V into one layer's
+        pools at batch.slots (a negative slot: not stored here). Returns (q, k) roped. (The
+        CUDA backend does all of it in one pass: kernels_cuda/rope_kv_store.cu.)"""
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
+        self.store_kv(k_pool, batch.slots, k)
+        self.store_kv(v_pool, batch.slots, v)
+        return q, k
 
     def silu_mul(self, gate, up):
         # SwiGLU: silu(gate) * up, (T, I); in place in one buffer, by chunks of rows (memory-bound)

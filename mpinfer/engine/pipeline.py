@@ -45,10 +45,9 @@ class LocalPipe:
         self.model, self.result = model, None
 
     def launch(self, k, plan):
-        batch = plan.batch
-        x = self.model.run_layers(self.model.embed_tokens(plan.local_ids()), batch)
-        batch.commit()
-        self.result = _choose(self.model, lambda: self.model.final_rows(x, batch, plan.last_tokens), plan.wants())
+        m, wants = self.model, plan.wants()  # wants: one for each of plan.last_tokens
+        logits = m.step(plan.local_ids(), plan.batch, plan.last_tokens)
+        self.result = choose(VocabShards(logits, m.vocab_offset, m.tp.group), wants) if wants else dict(NOTHING)
 
     def land(self, k, plan):
         return self.result

@@ -96,7 +96,7 @@ def run_job(job_file, overrides, skip_invalid=False, overwrite=False, comm=MPI.C
             raise UserError(f"{job.path}: engine.backend = 'cuda' does not run context parallelism yet; use "
                             "engine.backend = 'numpy' for parallel.cp > 1")
         model = Decoder(ckpt, be, topo.tp, m.layer_range(ckpt.config.num_layers), ep, job.parallel.cp_method,
-                        job.parallel.sp)
+                        job.parallel.sp, eng.cuda_graphs)
     except UserError as e:  # e.g. a weight file truncated after its header
         problem = str(e)
     if _any_problem(comm, problem):

@@ -93,11 +93,9 @@ class Scheduler:
         if plan is None:
             return []
         model = self.model
-        x = model.run_layers(model.embed_tokens(plan.ids), plan.batch)  # (T, D)
-        plan.batch.commit()
+        logits = model.step(plan.ids, plan.batch, plan.last_tokens)  # (R, V/P): only the sequences that get a token
         if not plan.done:
             return []
-        logits = model.logits(x[plan.last_tokens])  # (R, V/P): only the sequences that get a token
         return self.complete(plan, choose(VocabShards(logits, model.vocab_offset, model.tp.group), plan.wants()))
 
     def plan(self):
