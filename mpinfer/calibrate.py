@@ -8,10 +8,10 @@ calls the engine makes) and, where CuPy's NCCL and a GPU are there, with NCCL:
 - all-reduce: over the ranks of node 0, and over the first rank of every node; the slowest
   rank's time per call (OSU osu_allreduce).
 Nodes are the topology's (MPINFER_RANKS_PER_NODE pretends). Unlike OSU's back-to-back loops,
-each op runs alone after a barrier, on data just written, after each rank overwrote its share
-of the caches (evict_bytes): as in a run, where a message carries what was just computed, the
-weights that computed it having gone through the caches. Each size is the median of TRIALS
-trials of REPS ops. Every series is fitted by t = latency + bytes / bandwidth, least squares on relative
+each op runs alone after a barrier, on data just written, right after a matrix product that
+streams the rank's share of the last-level cache in weights (evict_bytes): as in a run, where
+a collective follows a layer's matmul and carries what it computed. Each size is the median of
+TRIALS trials of REPS ops. Every series is fitted by t = latency + bytes / bandwidth, least squares on relative
 error (weights 1/t), so the small sizes set the latency and the large ones the bandwidth.
 
 For the planner an all-reduce fit over T ranks is a ring's 2(T-1) steps: step latency =
@@ -132,11 +132,13 @@ def _series(world, members, sizes, backend, op, evict, MPI):
 
 
 def evict_bytes(ranks_on_node):
-    """What each rank writes before each op: its share of the CPU's last-level cache (sysfs;
-    32 MiB when unknown). The engine sends what it has just computed, with the caches full of
-    the layer's weights, not MPI's buffers: on the 2-core VM of tests/bench/bench_planner.py,
-    calibrated with back-to-back loops the cost model put a tp 2 run's all-reduce time at 0.6
-    of what the run measured, calibrated this way at 0.8."""
+    """Bytes of weights the matmul before each op streams: the rank's share of the CPU's
+    last-level cache (sysfs; 32 MiB when unknown). What precedes an op sets its cost: on the
+    2-core VM of tests/bench/bench_planner.py a 256 KiB all-reduce took 60-100 us back to back,
+    140-150 us after writing the cache share, 180-200 us after a 5 ms matmul or sleep, and the
+    tp 2 run's own calls 190 us (2026-11-27). The cost model put the run's all-reduce time at
+    0.6 of what it measured when calibrated back to back, 0.74 after writing the cache share,
+    0.94 after the matmul (medians of repeats; tests/bench/results/*-planner.json)."""
     sizes = []
     for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
         with open(path) as f:
@@ -147,15 +149,17 @@ def evict_bytes(ranks_on_node):
 
 def _median_time(comm, run, per_op, size, evict, MPI):
     """Seconds of one message (one all-reduce) of this size: each op alone (run times it, after
-    a barrier), after every rank wrote `evict` bytes; a trial's mean over REPS ops (per_op
-    messages each), the slowest rank's; the median of TRIALS trials."""
-    junk = np.zeros(evict // 8)
+    a barrier), right after a matmul of 16 activation rows by `evict` bytes of float32 weights;
+    a trial's mean over REPS ops (per_op messages each), the slowest rank's; the median of
+    TRIALS trials."""
+    a = np.ones((16, 1024), np.float32)
+    w = np.ones((1024, max(1, evict // 4096)), np.float32)  # (1024, N): evict bytes
     run(size)  # warm up: connections, buffers
     trials = []
     for _ in range(TRIALS):
         spent = 0.0
         for _ in range(REPS):
-            junk += 1.0
+            a @ w
             spent += run(size)
         trials.append(comm.allreduce(spent / (REPS * per_op), op=MPI.MAX))
     return statistics.median(trials)

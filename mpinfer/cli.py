@@ -186,6 +186,7 @@ def plan(model, nodes, gpus_per_node, gpu, intra, inter, objective, batch, promp
 def _calibrate(out, max_bytes):
     from mpi4py import MPI
 
+    _share_cores(MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED))  # the matmul before each op, as in a run
     from .calibrate import calibrate, save
 
     profile = calibrate(MPI.COMM_WORLD, max_bytes)

@@ -1,7 +1,7 @@
 """The planner's communication predictions against what runs on this machine measure.
 
-1. Calibrate this machine's MPI on 2 ranks (`mpinfer plan --calibrate`), message sizes up to
-   the largest the runs send.
+1. Calibrate this machine's MPI on 2 ranks (`mpinfer plan --calibrate`, one core per rank as in
+   the runs), message sizes up to the largest the runs send.
 2. Run a random llama with a wide hidden size (1024, so each token's message is 4 KiB) on 2
    ranks as tp 2 and as pp 2 (tests/bench/counted_run.py keeps every rank's counters and
    times each all-reduce after a barrier that takes up the wait for a late peer).
@@ -44,7 +44,7 @@ WIDE = dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=4, num_a
             num_key_value_heads=8, max_position_embeddings=1024)
 PROMPTS, LENGTH, NEW, CHUNK = 16, 96, 24, 64  # CHUNK: engine.max_batch_tokens, so messages stay <= 256 KiB
 MAX_BYTES = 512 * 1024
-REPEATS = 3
+REPEATS = 5
 
 
 def mpiexec(*args, **env):
@@ -81,7 +81,8 @@ def load():
 def calibrated(folder):
     """A fresh calibration: (the planner's cluster of 2 ranks over its links, the fits)."""
     path = os.path.join(folder, "profile.json")
-    mpiexec(os.path.join(BIN, "mpinfer"), "plan", "--calibrate", "--out", path, "--max-bytes", str(MAX_BYTES))
+    mpiexec(os.path.join(BIN, "mpinfer"), "plan", "--calibrate", "--out", path, "--max-bytes", str(MAX_BYTES),
+            OPENBLAS_NUM_THREADS="1")
     with open(path) as f:
         fits = json.load(f)["links"]["intra"]["mpi"]
     summary = {op: {"latency_us": round(m["latency_s"] * 1e6, 1), "bandwidth_GBps": round(m["bandwidth_Bps"] / 1e9, 3),
@@ -109,6 +110,11 @@ def repeat(tmp, model):
           "measured_s_stage_1_receive": round(pp1["pp.recv.seconds"], 5)}
     for x, measured in ((tp, measured), (pp, pp1["pp.recv.seconds"])):
         x["predicted_over_measured"] = round(x["predicted_s"] / measured, 3)
+    # call by call (counted_run.py's samples): is the gap in every call or in a few slow ones?
+    for x, samples, one in ((tp, tp0["samples"]["tp.all_reduce"], lambda n: all_reduce_time(cluster, n, 2, 1, 1)),
+                            (pp, pp1["samples"]["pp.recv"], lambda n: p2p_time(cluster.intra, n))):
+        ratios = np.array([one(n) / t for n, t in samples if t > 0])
+        x["per_call_predicted_over_measured_p10_p50_p90"] = [round(float(q), 3) for q in np.percentile(ratios, [10, 50, 90])]
     return {"load_average_1min": load(), "calibration": fits, "tp2_all_reduce": tp, "pp2_activations": pp}
 
 
