@@ -83,3 +83,14 @@ template <int V> __device__ __forceinline__ void store_f32(float* p, const float
         for (int i = 0; i < V; ++i) p[i] = v[i];
     }
 }
+
+// RoPE (rotate-half) on V pairs: (a, b) = (x[j], x[j + half]) turned by the angle whose
+// cos, sin are (c, s): o1 = a c - b s, o2 = b c + a s (rope.cu, rope_kv_store.cu)
+template <int V> __device__ __forceinline__ void rope_turn(const float* a, const float* b, const float* c,
+                                                           const float* s, float* o1, float* o2) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+        o1[i] = a[i] * c[i] - b[i] * s[i];
+        o2[i] = b[i] * c[i] + a[i] * s[i];
+    }
+}

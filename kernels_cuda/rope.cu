@@ -41,11 +41,7 @@ __device__ __forceinline__ void rope_token(const float* x, const float* __restri
         load_f32<V>(x + p + half, b);
         load_f32<V>(cos + t * half + j, c);
         load_f32<V>(sin + t * half + j, s);
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-            o1[i] = a[i] * c[i] - b[i] * s[i];
-            o2[i] = b[i] * c[i] + a[i] * s[i];
-        }
+        rope_turn<V>(a, b, c, s, o1, o2);
         store_f32<V>(out + p, o1);
         store_f32<V>(out + p + half, o2);
     }

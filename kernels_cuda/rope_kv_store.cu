@@ -61,11 +61,7 @@ __device__ __forceinline__ void rope_kv_token(const float* __restrict__ q, float
         load_f32<V>(src + half, b);
         load_f32<V>(cos + t * half + j, c);
         load_f32<V>(sin + t * half + j, s);
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-            o1[i] = a[i] * c[i] - b[i] * s[i];
-            o2[i] = b[i] * c[i] + a[i] * s[i];
-        }
+        rope_turn<V>(a, b, c, s, o1, o2);
         if (h < H) {
             float* dst = q_out + (t * H + h) * dh + j;
             store_f32<V>(dst, o1);
