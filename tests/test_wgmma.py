@@ -7,15 +7,38 @@ are checked on a GPU by bench/gpu/check_gemm.py."""
 
 import ctypes
 import glob
+import importlib
 import os
 import re
 import subprocess
+import sys
 import types
 
 import numpy as np
 import pytest
 
-from mpinfer.backend import cuda_gemm, cuda_wgmma, kernels
+import mpinfer.backend
+from mpinfer.backend import kernels
+
+cuda_gemm = cuda_wgmma = None  # imported by _modules, over a CuPy stand-in where CuPy is missing
+
+
+@pytest.fixture(autouse=True)
+def _modules(monkeypatch):
+    """cuda_gemm and cuda_wgmma import CuPy, which CI does not install: there they import a bare
+    stand-in (the tests replace what the wrappers use of CuPy), undone after each test."""
+    global cuda_gemm, cuda_wgmma
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        monkeypatch.setitem(sys.modules, "cupy", types.ModuleType("cupy"))
+        for name in ("cuda_gemm", "cuda_wgmma"):
+            monkeypatch.delitem(sys.modules, f"mpinfer.backend.{name}", raising=False)
+            monkeypatch.delattr(mpinfer.backend, name, raising=False)
+    cuda_gemm = importlib.import_module("mpinfer.backend.cuda_gemm")
+    cuda_wgmma = importlib.import_module("mpinfer.backend.cuda_wgmma")
+    for name, module in (("cuda_gemm", cuda_gemm), ("cuda_wgmma", cuda_wgmma)):
+        monkeypatch.setattr(mpinfer.backend, name, module, raising=False)
 
 
 def _nvdisasm():
