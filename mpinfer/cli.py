@@ -46,6 +46,7 @@ def run(job_file, overrides, skip_invalid, overwrite):
 
     node = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
     _share_cores(node)  # before numpy loads its BLAS
+    node.Free()
     from .engine.runner import run_job
 
     try:
@@ -186,7 +187,9 @@ def plan(model, nodes, gpus_per_node, gpu, intra, inter, objective, batch, promp
 def _calibrate(out, max_bytes):
     from mpi4py import MPI
 
-    _share_cores(MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED))  # the matmul before each op, as in a run
+    node = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+    _share_cores(node)  # the matmul before each op, as in a run
+    node.Free()
     from .calibrate import calibrate, save
 
     profile = calibrate(MPI.COMM_WORLD, max_bytes)

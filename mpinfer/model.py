@@ -110,9 +110,10 @@ class Decoder:
         (T,) int64, this rank's new tokens of batch, whose K/V this stores and commits. Returns
         the float32 logits (R, V/P) of the step's tokens at last_tokens (R of them; None when
         R = 0). A step of decode rows only may replay a CUDA graph (self.graphs.takes)."""
+        logits = None
         if self.graphs is not None and len(last_tokens) == len(ids) and self.graphs.takes(batch):
             logits = self.graphs.logits(ids, batch)  # decode rows: each one its sequence's last token
-        else:
+        if logits is None:  # not a graph's step, or its capture failed (graphs are then off)
             x = self.run_layers(self.embed_tokens(ids), batch)
             logits = self.logits(self.final_rows(x, batch, last_tokens)) if len(last_tokens) else None
         batch.commit()

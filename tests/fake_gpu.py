@@ -333,7 +333,9 @@ def _cupy():
     cp.cuda = types.SimpleNamespace(Device=Device, Stream=_Stream, Graph=_Graph, MemoryPool=_MemoryPool,
                                     using_allocator=_using_allocator, get_current_stream=_Stream,
                                     runtime=types.SimpleNamespace(
-        getDeviceCount=lambda: 1, getDeviceProperties=lambda i: props, memGetInfo=lambda: (60 << 30, 80 << 30)))
+        getDeviceCount=lambda: 1, getDeviceProperties=lambda i: props, memGetInfo=lambda: (60 << 30, 80 << 30),
+        CUDARuntimeError=type("CUDARuntimeError", (RuntimeError,), {})),
+                                    driver=types.SimpleNamespace(CUDADriverError=type("CUDADriverError", (RuntimeError,), {})))
     return cp
 
 

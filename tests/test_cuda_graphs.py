@@ -9,6 +9,7 @@ be caught."""
 import importlib
 import os
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -81,6 +82,7 @@ class _CountingGroup:
 
     def __init__(self):
         self.counts = {}
+        self.comm = types.SimpleNamespace(allreduce=lambda x, op=None: x)  # one rank's MPI communicator
 
     def all_reduce(self, x):
         c = self.counts.setdefault("all_reduce", {"calls": 0, "bytes": 0})
@@ -209,3 +211,42 @@ def test_bench_section_runs_on_the_stand_in(fake_gpu, tiny_model):
     assert r["ok"] and r["batch1"]["tokens_equal"] == r["batch1"]["tokens"] == 12
     assert r["offline"]["graphs_vs_eager"] == {"equal": 6, "of": 6, "mean_prefix_fraction": 1.0}
     assert r["offline"]["ratio_vs_transformers"] > 0 and r["batch1"]["roofline_tok_s"] > 0
+
+
+def test_a_failed_capture_turns_graphs_off(fake_gpu, tiny_model, capsys):
+    """A capture the CUDA runtime refuses (planted: the capture raising its error) ends the
+    capture cleanly, says so in one stderr line, and the step and every later one run eagerly
+    with the eager tokens. Anything else raised there is a bug and is not swallowed."""
+    import cupy
+
+    folder = tiny_model("llama")
+    eager, _ = generate(folder, graphs=False)
+    _, model = generate(folder, graphs=True, lens=[3], new=[1])  # prefill only: nothing captured yet
+    graphs = model.graphs
+    real = type(graphs)._capture
+
+    def refused(self, pool, rows, width):
+        real(self, pool, rows, width)
+        raise cupy.cuda.runtime.CUDARuntimeError("cudaErrorStreamCaptureUnsupported: operation not permitted")
+
+    graphs._capture = refused.__get__(graphs)
+    graphed, model = generate(folder, graphs=True, model=model)
+    assert graphed == eager and model.graphs is None and graphs.graphs == {}
+    err = capsys.readouterr().err
+    assert err.count("CUDA graph capture failed, decode steps run eagerly: cudaErrorStreamCaptureUnsupported") == 1
+
+
+def test_graphs_over_16_rows_of_a_q4_1_gguf(fake_gpu, tiny_model, tmp_path):
+    """20 decoding sequences (bucket 32): the products on GGUF blocks take the dequantize +
+    GEMM path inside the capture (gemv_q takes at most 16 rows), with the SwiGLU epilogue."""
+    import gguf
+    from gguf_writer import write_gguf
+
+    path = write_gguf(tiny_model("llama_gguf"), str(tmp_path / "m.gguf"), gguf.GGMLQuantizationType.Q4_1)
+    lens, new = [5 + 3 * i for i in range(20)], [6 + i % 5 for i in range(20)]
+    eager, _ = generate(path, graphs=False, lens=lens, new=new)
+    calls = sys.modules["mpinfer.backend.cuda_quant"].calls
+    before = calls["dequantize"]
+    graphed, model = generate(path, graphs=True, lens=lens, new=new)
+    assert graphed == eager
+    assert (32, 16) in model.graphs.graphs and calls["dequantize"] > before

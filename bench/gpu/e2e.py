@@ -92,14 +92,14 @@ def decode_rate(model, prompt, steps):
     return steps / (time.perf_counter() - t), tokens
 
 
-def engine_run(model, tokenizer, prompts, new):
-    """mpinfer's engine (continuous batching, as `mpinfer run` steps it) on prompts, greedy:
+def engine_run(model, tokenizer, pool, prompts, new):
+    """mpinfer's engine (continuous batching, as `mpinfer run` steps it) on prompts, greedy, in
+    the KV pool `pool` (one pool for all runs: graphs captured on a pool replay on it only):
     (generated tokens/s, outputs)."""
     from mpinfer.engine.scheduler import Scheduler
     from mpinfer.io.prompts import Request
     from mpinfer.params import SamplingParams
 
-    pool = PagedKVCache.for_model(model, 4 * 2**30, 16, len(model.blocks))
     sched = Scheduler(model, tokenizer, pool, max_batch_tokens=2048, max_seqs=len(prompts))
     sched.add([Request(i, str(i), np.asarray(p, np.int32), SamplingParams(max_new_tokens=new))
                for i, p in enumerate(prompts)])
@@ -171,11 +171,12 @@ def graphs_and_throughput(folder, copy_bw, backend="cuda", prompts=64, prompt_le
                      "tokens_equal": int(np.sum(np.array(tokens_g) == np.array(tokens_e))), "tokens": len(tokens_g)}
     tokenizer = load_tokenizer(folder, ckpt)
     batch = [rng.integers(3, V, prompt_len).tolist() for _ in range(prompts)]
-    engine_run(model, tokenizer, batch[:4], 4)  # warm-up (kernels, the eager steps)
-    eager_rate, eager_out = engine_run(model, tokenizer, batch, new)
+    pool = PagedKVCache.for_model(model, 4 * 2**30, 16, len(model.blocks))
+    engine_run(model, tokenizer, pool, batch, 4)  # warm-up (kernels, the eager steps)
+    eager_rate, eager_out = engine_run(model, tokenizer, pool, batch, new)
     model.graphs = graphs
-    engine_run(model, tokenizer, batch[:4], 4)
-    ours_rate, ours_out = engine_run(model, tokenizer, batch, new)
+    engine_run(model, tokenizer, pool, batch, 4)  # warm-up: the full batch's graph captured, not timed
+    ours_rate, ours_out = engine_run(model, tokenizer, pool, batch, new)
     out["offline"] = {"prompts": prompts, "prompt_tokens": prompt_len, "new_tokens": new, "tok_s_graphs": ours_rate,
                       "tok_s_eager": eager_rate, "graphs_vs_eager": _agreement(ours_out, eager_out)}
     del model

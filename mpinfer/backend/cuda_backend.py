@@ -24,6 +24,7 @@ yet measured: bench/gpu/check_quant.py times the 512-row product against the bf1
 Shapes as in numpy_backend.py.
 """
 
+import threading
 from collections import OrderedDict
 
 import cupy
@@ -48,6 +49,7 @@ class CudaBackend:
         self.device = cupy.cuda.Device(device)
         self.device.use()
         self.weight_bytes = 0
+        self._held = threading.Lock()  # weight_bytes and _largest: the model loads layers on several threads
         self._uploads = OrderedDict()  # id(host array) -> (host array, device copy): the last few
         self._largest = 0  # weights of the largest quantized weight: the scratch buffer's size
         self._scratch = None  # bf16 (largest,): a quantized weight dequantized for a prefill product
@@ -59,21 +61,27 @@ class CudaBackend:
         if isinstance(array, QuantTensor):
             with self.device:
                 out = QuantTensor(array.fmt, cupy.asarray(array.data))
-            self.weight_bytes += out.data.nbytes
-            self._largest = max(self._largest, out.shape[0] * out.shape[1])
+            self._hold(out.data.nbytes, out.shape[0] * out.shape[1])
             return out
         u = np.ascontiguousarray(array, np.float32).view(np.uint32)
         bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)  # wraps only for NaN/inf inputs
         with self.device:  # the model loads layers on worker threads, whose current device is 0
             out = cupy.asarray(bits)
-        self.weight_bytes += out.nbytes
+        self._hold(out.nbytes)
         return out
+
+    def _hold(self, nbytes, quantized_weights=0):
+        """Count a tensor put on the GPU; quantized_weights: its weights, if in GGUF blocks (the
+        largest sizes the dequantization scratch buffer, which then never has to grow)."""
+        with self._held:
+            self.weight_bytes += nbytes
+            self._largest = max(self._largest, quantized_weights)
 
     def bias(self, array):
         """A bias stays float32 (it is added to float32 activations; a few KB)."""
         with self.device:
             out = cupy.asarray(np.ascontiguousarray(array, np.float32))
-        self.weight_bytes += out.nbytes
+        self._hold(out.nbytes)
         return out
 
     def group(self, group):
@@ -157,8 +165,8 @@ class CudaBackend:
                 return y
             pairs = y.reshape(-1, 2)  # (T * N/2, 2): (gate_i, up_i) of each row
             return ew.silu_mul(pairs[:, :1], pairs[:, 1:]).reshape(len(a), N // 2)
-        if self._scratch is None or self._scratch.size < N * K:  # (weight() on loader threads may race on _largest)
-            self._scratch = cupy.empty(max(self._largest, N * K), cupy.uint16)
+        if self._scratch is None or self._scratch.size < N * K:  # a model's weights all load first: allocated once
+            self._scratch = cupy.empty(max(self._largest, N * K), cupy.uint16)  # (captured graphs keep its address)
         return gemm(a, dequantize(w.data, w.fmt, N, K, self._scratch[:N * K].reshape(N, K)), b, swiglu=swiglu)
 
     def rmsnorm(self, x, w, eps, matmul_input=False):

@@ -38,9 +38,13 @@ for the work queued on the current stream (an eager step may still be storing K/
 logits' copy back makes the host wait for the graph before any later work is queued.
 """
 
+import sys
+
 import cupy
 import numpy as np
+from mpi4py import MPI
 
+from ..errors import one_line
 from ..kvcache import Batch
 from .cuda_backend import _Meta
 from .cuda_comm import NcclGroup
@@ -86,18 +90,38 @@ class DecodeGraphs:
 
     def logits(self, ids, batch):
         """The step's logits (B, V/P) float32 on the host: the bucket's graph replayed on the
-        step's inputs (captured first if the bucket is new)."""
+        step's inputs (captured first if the bucket is new); None if the capture failed (the
+        step and every later one then run eagerly)."""
         B, bs = len(ids), batch.pool.block_size
         key = (_bucket(B, 1), _bucket(-(-int(batch.kv_lens.max()) // bs), MIN_WIDTH))
         if batch.pool is not self.pool:  # the graphs hold the pools' addresses: new pools, new graphs
             self.graphs, self.pool = {}, batch.pool
-        g = self.graphs.get(key) or self._capture(batch.pool, *key)
+        g = self.graphs.get(key) or self._capture_or_off(batch.pool, *key)
+        if g is None:
+            return None
         self.stream.wait_event(cupy.cuda.get_current_stream().record())
         with self.stream:
             g.inputs.set(pack(ids, batch, *key))  # the one host-to-device copy
             g.graph.launch()
             self._count(g.counts)
             return cupy.asnumpy(g.logits[:B], stream=self.stream)
+
+    def _capture_or_off(self, pool, rows, width):
+        """The bucket's new _Graph; or, where any rank of the TP group failed to capture it (the
+        CUDA runtime or driver refusing part of the capture), None on every rank, one line on
+        stderr from each that failed, and the model's steps eager from then on."""
+        try:
+            g, problem = self._capture(pool, rows, width), None
+        except (cupy.cuda.runtime.CUDARuntimeError, cupy.cuda.driver.CUDADriverError) as e:  # other errors are bugs
+            g, problem = None, one_line(e)
+        group = self.model.tp.group
+        failed = problem is not None if group is None else group.comm.allreduce(int(problem is not None), op=MPI.MAX)
+        if not failed:
+            return g
+        if problem is not None:
+            print(f"mpinfer: CUDA graph capture failed, decode steps run eagerly: {problem}", file=sys.stderr, flush=True)
+        self.graphs, self.model.graphs = {}, None
+        return None
 
     def _counts(self):
         group = self.model.tp.group
@@ -130,8 +154,13 @@ class DecodeGraphs:
             self.stream.begin_capture()
             try:
                 logits = forward()
-            finally:
-                graph = self.stream.end_capture()
+            except BaseException:
+                try:  # leave the stream out of capture mode; forward()'s error is the one to report
+                    self.stream.end_capture()
+                except Exception:
+                    pass
+                raise
+            graph = self.stream.end_capture()
         # the capture counted collectives that did not run yet: they count at each replay
         counts = {op: {f: v - before.get(op, {}).get(f, 0) for f, v in c.items()} for op, c in self._counts().items()}
         self._count(counts, -1)
