@@ -28,7 +28,7 @@ from ..job import Shard, load_job
 from ..weights import open_checkpoint
 from .fingerprint import fingerprint
 from .results import request_metrics
-from .results import COLUMNS, NOT_METRICS, ResultsFile, _open, _plain, _read_arrays, lock, read_rows
+from .results import COLUMNS, NOT_METRICS, ResultsFile, _plain, _read_arrays, lock, open_results, read_rows
 
 _SHOWN = 5  # problems quoted in the error
 
@@ -52,7 +52,7 @@ def merge(job_file, overrides, count):
     for shard in shards:
         rows = read_rows(shard.path)
         records += [{name: rows[name][i] for name in COLUMNS} for i in range(len(rows["index"]))]
-        with _open(shard.path) as f:
+        with open_results(shard.path) as f:
             arrays.append(_read_arrays(f))
             attrs.append({name: _plain(value) for name, value in f.attrs.items()})
     layout = {**json.loads(attrs[0]["layout"]), "array_tasks": count}
@@ -72,7 +72,7 @@ def _problem(shard, expected):
     if not os.path.exists(shard.path):
         return f"{shard.path}: missing (run task {shard}: --set input.shard={shard})"
     try:
-        with _open(shard.path) as f:
+        with open_results(shard.path) as f:
             held = json.loads(f.attrs["fingerprint"])
             complete = bool(f.attrs.get("complete", False))
             rows = len(f["requests/index"])
@@ -92,7 +92,7 @@ def _check_output(path, expected):
     if not os.path.exists(path):
         return
     hint = "; remove it or choose another output.path"
-    with _open(path, hint) as f:
+    with open_results(path, hint) as f:
         if json.loads(f.attrs["fingerprint"]) != expected:
             raise UserError(f"{path} holds results of a different job{hint}")
 
