@@ -56,6 +56,7 @@ def test_graph_decode_gives_the_eager_tokens(fake_gpu, tiny_model, arch):
     graphed, model = generate(folder, graphs=True)
     assert graphed == eager
     assert sorted(model.graphs.graphs) == [(1, 16), (2, 16), (4, 16), (8, 32), (16, 32)]
+    assert all(g.logits is model.graphs.outputs[rows] for (rows, _), g in model.graphs.graphs.items())
     assert fake_gpu.STATE.replays - before == max(NEW) - 1  # every decode step
     again, _ = generate(folder, graphs=True, lens=LENS[::-1], new=NEW[::-1], model=model)  # a new KV pool
     assert again == generate(folder, graphs=False, lens=LENS[::-1], new=NEW[::-1])[0]

@@ -30,8 +30,10 @@ from the host. Memory: the graphs' intermediates come from one cupy MemoryPool o
 a warm-up pass fills it, the capture takes the same blocks again (no cudaMalloc while
 capturing), and nothing else allocates from it. The graphs may share its blocks because
 they run one at a time, each writing its intermediates before reading them, and its logits
-are copied out before the next one runs; what must outlive a replay (inputs, logits) stays
-referenced by its _Graph, so the pool never hands it out again.
+are copied out before the next one runs; what must outlive a replay (inputs) stays
+referenced by its _Graph, so the pool never hands it out again. The logits go to one buffer
+per row bucket outside that pool (its graphs of every table width share it: at a 128k
+vocabulary a buffer of 128 rows is 64 MB, which one per graph would multiply by the widths).
 
 Ordering: the graphs run on a stream of their own (a capture needs one), which first waits
 for the work queued on the current stream (an eager step may still be storing K/V), and the
@@ -72,6 +74,7 @@ class DecodeGraphs:
         self.graphs, self.pool = {}, None  # (rows, width) -> _Graph, captured on this KV pool's arrays
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.memory = cupy.cuda.MemoryPool()  # the graphs' intermediates (module docstring)
+        self.outputs = {}  # rows -> (rows, V/P) float32: the logits of that row bucket's graphs, one buffer for all widths
 
     @classmethod
     def of(cls, model):
@@ -136,6 +139,9 @@ class DecodeGraphs:
 
     def _capture(self, pool, rows, width):
         m = self.model
+        if rows not in self.outputs:  # from the default pool, outside the graphs' own
+            self.outputs[rows] = cupy.empty((rows, m.lm_head.shape[0]), np.float32)
+        out = self.outputs[rows]
         self.stream.wait_event(cupy.cuda.get_current_stream().record())
         with cupy.cuda.using_allocator(self.memory.malloc), self.stream:
             inputs = cupy.zeros(4 * rows + rows * width, np.int32)
@@ -153,7 +159,7 @@ class DecodeGraphs:
             before = self._counts()
             self.stream.begin_capture()
             try:
-                logits = forward()
+                out[...] = forward()  # the head's product is an intermediate like any other
             except BaseException:
                 try:  # leave the stream out of capture mode; forward()'s error is the one to report
                     self.stream.end_capture()
@@ -164,7 +170,7 @@ class DecodeGraphs:
         # the capture counted collectives that did not run yet: they count at each replay
         counts = {op: {f: v - before.get(op, {}).get(f, 0) for f, v in c.items()} for op, c in self._counts().items()}
         self._count(counts, -1)
-        g = self.graphs[rows, width] = _Graph(graph, inputs, logits, counts)
+        g = self.graphs[rows, width] = _Graph(graph, inputs, out, counts)
         return g
 
 
