@@ -37,21 +37,26 @@ def gemv_q_plan(N, K):
     return "k8", 16, -(-chunks // per_split), per_split * _CHUNK
 
 
-def _check(a, wq, fmt, N, K, bias):
-    kernels.require(fmt in BLOCK_BYTES, f"gemv_q: fmt must be one of {sorted(BLOCK_BYTES)}, got {fmt!r}")
+def _check_blocks(op, wq, fmt, N, K, align):
+    """wq holds W (N, K) as GGUF blocks of fmt: whole blocks, C-contiguous, `align`-byte aligned."""
+    kernels.require(fmt in BLOCK_BYTES, f"{op}: fmt must be one of {sorted(BLOCK_BYTES)}, got {fmt!r}")
     kernels.require(isinstance(K, (int, np.integer)) and K > 0 and K % 32 == 0,
-                    f"gemv_q: K = {K} must be a positive multiple of 32 (whole GGUF blocks)")
+                    f"{op}: K = {K} must be a positive multiple of 32 (whole GGUF blocks)")
+    nbytes = N * (K // 32) * BLOCK_BYTES[fmt]
+    kernels.require(wq.dtype == np.uint8 and wq.size == nbytes and wq.flags.c_contiguous,
+                    f"{op}: wq must be C-contiguous uint8 of N * K/32 * {BLOCK_BYTES[fmt]} = {nbytes} bytes "
+                    f"({fmt}, N = {N}, K = {K}), got {wq.dtype} {wq.shape}")
+    kernels.require(wq.data.ptr % align == 0, f"{op}: wq must be {align}-byte aligned (address {wq.data.ptr:#x})")
+
+
+def _check(a, wq, fmt, N, K, bias):
     kernels.require(isinstance(N, (int, np.integer)) and 0 <= N < 2**31, f"gemv_q: N = {N} must be in [0, 2^31)")
+    _check_blocks("gemv_q", wq, fmt, N, K, 16)
     kernels.require(a.dtype == np.uint16 and a.ndim == 2 and a.shape[1] == K,
                     f"gemv_q: a must be 2-D uint16 (bf16 bits) (M, K = {K}), got {a.dtype} {a.shape}")
     kernels.require(a.shape[0] <= GEMV_Q_MAX_M, f"gemv_q: a has {a.shape[0]} rows, at most {GEMV_Q_MAX_M} allowed")
     kernels.require(a.flags.c_contiguous and a.data.ptr % 16 == 0,
                     f"gemv_q: a {a.shape} must be C-contiguous and 16-byte aligned (address {a.data.ptr:#x})")
-    nbytes = N * (K // 32) * BLOCK_BYTES[fmt]
-    kernels.require(wq.dtype == np.uint8 and wq.size == nbytes and wq.flags.c_contiguous,
-                    f"gemv_q: wq must be C-contiguous uint8 of N * K/32 * {BLOCK_BYTES[fmt]} = {nbytes} bytes "
-                    f"({fmt}, N = {N}, K = {K}), got {wq.dtype} {wq.shape}")
-    kernels.require(wq.data.ptr % 16 == 0, f"gemv_q: wq must be 16-byte aligned (address {wq.data.ptr:#x})")
     check_bias("gemv_q", bias, N)
 
 
@@ -81,12 +86,7 @@ def gemv_q(a, wq, fmt, N, K, bias=None, out=None):
 def dequantize(wq, fmt, N, K, out):
     """wq: W (N, K) as GGUF blocks of fmt (as gemv_q) -> out, C-contiguous uint16 (N, K),
     16-byte aligned: bf16 bits of W (round to nearest even), returned."""
-    kernels.require(fmt in BLOCK_BYTES, f"dequantize: fmt must be one of {sorted(BLOCK_BYTES)}, got {fmt!r}")
-    kernels.require(K > 0 and K % 32 == 0, f"dequantize: K = {K} must be a positive multiple of 32 (whole GGUF blocks)")
-    nbytes = N * (K // 32) * BLOCK_BYTES[fmt]
-    kernels.require(wq.dtype == np.uint8 and wq.size == nbytes and wq.flags.c_contiguous and wq.data.ptr % 2 == 0,
-                    f"dequantize: wq must be C-contiguous 2-byte aligned uint8 of N * K/32 * {BLOCK_BYTES[fmt]} = "
-                    f"{nbytes} bytes ({fmt}, N = {N}, K = {K}), got {wq.dtype} {wq.shape}")
+    _check_blocks("dequantize", wq, fmt, N, K, 2)
     kernels.require(out.dtype == np.uint16 and out.shape == (N, K) and out.flags.c_contiguous and out.data.ptr % 16 == 0,
                     f"dequantize: out must be C-contiguous 16-byte aligned uint16 {(N, K)}, got {out.dtype} {out.shape}")
     steps = N * K // 8
