@@ -30,12 +30,11 @@ HEADER, ACT, RESULT = 21, 22, 23
 NOTHING = {"tokens": [], "logprobs": [], "top_ids": [], "top_logprobs": []}  # a step that finished no prompt
 
 
-def _choose(model, last_rows, wants):
-    """last_rows() -> the final hidden states (R, D) of the tokens that get a token."""
+def _choose(model, logits, wants):
+    """logits() -> the logits (R, V/P) of the tokens that get a token, one for each of wants."""
     if not wants:  # the same on every TP and CP rank: no collective is skipped by one rank alone
         return dict(NOTHING)
-    logits = model.logits(last_rows())  # (R, V/P)
-    return choose(VocabShards(logits, model.vocab_offset, model.tp.group), wants)
+    return choose(VocabShards(logits(), model.vocab_offset, model.tp.group), wants)
 
 
 class LocalPipe:
@@ -45,9 +44,8 @@ class LocalPipe:
         self.model, self.result = model, None
 
     def launch(self, k, plan):
-        m, wants = self.model, plan.wants()  # wants: one for each of plan.last_tokens
-        logits = m.step(plan.local_ids(), plan.batch, plan.last_tokens)
-        self.result = choose(VocabShards(logits, m.vocab_offset, m.tp.group), wants) if wants else dict(NOTHING)
+        logits = self.model.step(plan.local_ids(), plan.batch, plan.last_tokens)  # (R, V/P), or None when R = 0
+        self.result = _choose(self.model, lambda: logits, plan.wants())
 
     def land(self, k, plan):
         return self.result
@@ -121,7 +119,8 @@ def run_stage(model, pool, pp):
         x = model.run_layers(model.be.asarray(x), batch)
         if last:
             wants = [(SamplingParams.from_json(p), key, step) for p, key, step in header["wants"]]
-            chosen = _choose(model, lambda: model.final_rows(x, batch, np.array(header["last_tokens"], np.int64)), wants)
+            rows = np.array(header["last_tokens"], np.int64)
+            chosen = _choose(model, lambda: model.logits(model.final_rows(x, batch, rows)), wants)
             chosen["busy"] = header["busy"] + [time.perf_counter() - t]
             outbox.send(0, RESULT, chosen)
         else:
