@@ -19,10 +19,20 @@ def gpu_problem():
     return None
 
 
+def on_gpu(name):
+    """Whether engine.backend = name runs on the CUDA backend here (get_backend's choice)."""
+    return name != "numpy" and gpu_problem() is None
+
+
 def kv_element_bytes(name):
-    """Bytes per KV-cache element of the backend engine.backend = name runs on here: bf16 on
-    GPUs, float32 on the NumPy backend (CudaBackend.kv_bytes, NumpyBackend.kv_bytes)."""
-    return 2 if name != "numpy" and gpu_problem() is None else 4
+    """Bytes per KV-cache element of the backend engine.backend = name runs on here."""
+    if on_gpu(name):
+        from .cuda_backend import CudaBackend
+
+        return CudaBackend.kv_bytes  # bf16
+    from .numpy_backend import NumpyBackend
+
+    return NumpyBackend.kv_bytes  # float32
 
 
 def get_backend(name, comm=None):

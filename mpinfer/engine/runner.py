@@ -21,7 +21,7 @@ import time
 from mpi4py import MPI
 
 from .. import __version__, context
-from ..backend import get_backend, kv_element_bytes
+from ..backend import get_backend, kv_element_bytes, on_gpu
 from ..errors import EXIT_BAD_INPUT, EXIT_OK, UserError
 from ..io.fingerprint import fingerprint
 from ..io.prompts import read_prompts
@@ -153,14 +153,14 @@ def _memory_per_rank(per_node, backend):
     """(bytes a rank may hold, bytes per weight and KV element): on GPUs a GPU's memory
     (shared by the ranks that share one) in bf16, else the node's memory shared by its
     ranks in float32 (the NumPy backend)."""
-    if kv_element_bytes(backend) == 2:
+    if on_gpu(backend):
         import cupy
 
         gpus = cupy.cuda.runtime.getDeviceCount()
-        return cupy.cuda.runtime.memGetInfo()[1] * gpus // max(per_node, gpus), 2
+        return cupy.cuda.runtime.memGetInfo()[1] * gpus // max(per_node, gpus), kv_element_bytes(backend)
     with open("/proc/meminfo") as f:
         total_kb = int(next(line for line in f if line.startswith("MemTotal:")).split()[1])
-    return total_kb * 1024 // per_node, 4
+    return total_kb * 1024 // per_node, kv_element_bytes(backend)
 
 
 def _run(job, model, tokenizer, pool, topo, stop, queue):
