@@ -10,6 +10,9 @@
 // Checked against NumpyBackend.store_kv (pool[slots] = x) in bench/gpu/check_attention.py:
 // the bits must match exactly ("mismatches"). Timed next to torch index_copy_ of bf16 rows: on an
 // H200, 16-32k tokens x 8 x 128 run at ~0.79 of copy bandwidth, 2.4x torch.
+// Not on the backend's path since rope_kv_store.cu fused RoPE with this store: kept as the
+// GPU-verified baseline bench/gpu/check_rope.py times the fused kernel against (remove once
+// rope_kv_store has passed there).
 #include "common.cuh"
 
 extern "C" __global__ void kv_store_bf16(const float* __restrict__ x, const int* __restrict__ slots,

@@ -14,7 +14,8 @@
 // are read once per head (from L1/L2). No shared memory.
 // Checked: bench/gpu/check_elementwise.py against NumpyBackend.rope on bf16-rounded x and
 // float32 cos/sin; timed as bw_frac (x read, out written, cos/sin read) next to a cupy
-// device-to-device copy of the same bytes.
+// device-to-device copy of the same bytes. rope_v4 / rope_s1 are not on the backend's path
+// since rope_kv_store.cu fused them with the KV store: kept as check_rope.py's unfused baseline.
 //
 // rope_tables(pos, inv_freq, cos, sin, T, half): a step's cos/sin tables on the device, as
 //   mpinfer/rope.cos_sin: cos[t, i] = float32(cos(float64(pos[t]) * inv_freq[i])), likewise sin.
